@@ -1,0 +1,22 @@
+"""Errors that the CLI turns into one line on stderr and a documented exit code.
+
+Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_USAGE = 2
+
+
+class HtsrError(Exception):
+    """Base class: a user-facing error whose message is one line."""
+
+    exit_code: int = EXIT_USAGE
+
+
+class InputError(HtsrError):
+    """Bad input: missing/corrupt/unknown checkpoint, malformed option or document."""
+
+    exit_code = EXIT_USAGE
