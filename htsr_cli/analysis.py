@@ -1,0 +1,276 @@
+"""``analyze``: the layer walk over a checkpoint and the analysis document it produces.
+
+This is the one layer walk of the project: allocate, prune and plot build on its result.
+Tensors are read one at a time and dropped after their eigenvalues are taken, so peak memory
+follows the largest tensor, not the checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import spectrum
+from .checkpoint import Checkpoint, TensorRef, open_checkpoint
+from .errors import InputError
+from .fit import FIT_MODES, fit_power_law
+from .metrics import FIT_METRICS, METRICS, layer_metrics
+
+SCHEMA = "htsr.analysis/1"
+DEFAULT_MIN_EVALS = 8
+DEFAULT_SEED = 0
+#: Below this many fitted eigenvalues alpha is a small-sample estimate: flagged.
+SMALL_SAMPLE = 50
+#: alpha outside [2, 6]: WeightWatcher's over-/under-trained warnings.
+ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0
+
+_FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+                 "float8_e4m3fnuz", "float8_e5m2fnuz"}
+
+#: Per-layer columns in document order (metrics are inserted after ``num_evals``).
+GEOMETRY_COLUMNS = ("type", "N", "M", "Q", "rf", "num_evals")
+FIT_COLUMNS = ("xmin", "xmax", "D", "sigma", "num_pl_spikes", "matrix_rank", "status", "warning")
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyze`; ``to_dict()`` is the ``htsr.analysis/1`` document."""
+
+    source: dict[str, Any]
+    options: dict[str, Any]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.options["metrics"])
+
+    def summary(self) -> dict[str, float | None]:
+        """Mean of each computed metric over the layers where it is finite."""
+        out: dict[str, float | None] = {}
+        for m in self.metrics:
+            vals = [v for v in (layer.get(m) for layer in self.layers)
+                    if v is not None and math.isfinite(v)]
+            out[m] = sum(vals) / len(vals) if vals else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({
+            "schema": SCHEMA,
+            "source": self.source,
+            "options": self.options,
+            "summary": self.summary(),
+            "layers": self.layers,
+            "skipped": self.skipped,
+        })
+
+
+def jsonable(obj: Any) -> Any:
+    """Deep copy with NaN/inf turned into None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` takes CUDA when present; ``cuda``/``cuda:N`` must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) present")
+    elif dev.type != "cpu":
+        raise InputError(f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+def parse_metrics(metrics: str | Sequence[str] | None) -> list[str]:
+    """Validate a metric subset (comma-separated string or list); None means all ten."""
+    if metrics is None:
+        return list(METRICS)
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics)]
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise InputError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(METRICS)}")
+    return [m for m in METRICS if m in names]  # canonical order, no duplicates
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    # Per-layer stream: a layer's rand_distance does not depend on which other layers ran.
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _selected(name: str, layers: Sequence[str], exclude: Sequence[str]) -> bool:
+    if layers and not any(fnmatch.fnmatchcase(name, g) for g in layers):
+        return False
+    return not any(fnmatch.fnmatchcase(name, g) for g in exclude)
+
+
+def _candidates(refs: Iterable[TensorRef]) -> list[TensorRef]:
+    """Weight tensors that could be layers: ``*.weight`` keys of 2 or more dimensions."""
+    return [r for r in refs if r.key.endswith(".weight") and len(r.shape) >= 2]
+
+
+def _warning(fit_status: str, alpha: float, n_fit: int) -> str:
+    notes = []
+    if fit_status == "success":
+        if alpha < ALPHA_LOW:
+            notes.append("over-trained")
+        elif alpha > ALPHA_HIGH:
+            notes.append("under-trained")
+    if n_fit < SMALL_SAMPLE:
+        notes.append(f"small sample ({n_fit} eigenvalues): alpha is unreliable")
+    return "; ".join(notes)
+
+
+def analyze_layer(name: str, weight: torch.Tensor, *, fit: str = "ww",
+                  metrics: Sequence[str] = METRICS, device: torch.device | str = "cpu",
+                  seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """Every column of one layer from its weight tensor (the unit the whole tool is built on)."""
+    geom = spectrum.geometry(tuple(weight.shape))
+    if geom is None:
+        raise ValueError(f"{name}: shape {tuple(weight.shape)} is not a layer")
+    w = weight.to(device=device, dtype=torch.float32) if weight.dtype not in (
+        torch.float32, torch.float64) else weight.to(device)
+    evals = spectrum.eigenvalues(w, device)
+    wanted = frozenset(metrics)
+    if wanted & FIT_METRICS:
+        pl = fit_power_law(evals, fit, spectrum.EVALS_THRESH)
+    else:
+        pl = None
+    alpha = pl.alpha if pl is not None else math.nan
+    rand_evals = None
+    if "rand_distance" in wanted:
+        gen = torch.Generator().manual_seed(_layer_seed(seed, name))
+        rand_evals = spectrum.eigenvalues(spectrum.shuffled(w, gen), device)
+    rank = spectrum.matrix_rank(w, evals, geom)
+    n_fit = int((evals > spectrum.EVALS_THRESH).sum())
+    row: dict[str, Any] = {"name": name, "type": geom.kind, "N": geom.N, "M": geom.M,
+                           "Q": geom.Q, "rf": geom.rf, "num_evals": int(evals.numel())}
+    row.update(layer_metrics(evals, alpha, rank, rand_evals, wanted))
+    if pl is None:
+        status, reason = "not-fitted", "no fit metric requested"
+        row.update(xmin=math.nan, xmax=float(evals[-1]), D=math.nan, sigma=math.nan,
+                   num_pl_spikes=0)
+    else:
+        status, reason = pl.status, pl.reason
+        row.update(xmin=pl.xmin, xmax=pl.xmax, D=pl.D, sigma=pl.sigma,
+                   num_pl_spikes=pl.num_pl_spikes)
+        row.update(pl.extra)
+    row["matrix_rank"] = rank
+    row["status"] = status
+    warning = _warning(status, alpha, n_fit)
+    row["warning"] = "; ".join(s for s in (reason, warning) if s)
+    return row
+
+
+def analyze(
+    source: Any,
+    *,
+    fit: str = "ww",
+    metrics: str | Sequence[str] | None = None,
+    device: str = "auto",
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    min_evals: int = DEFAULT_MIN_EVALS,
+    seed: int = DEFAULT_SEED,
+    trust_pickle: bool = False,
+    on_layer: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> Analysis:
+    """Compute the HT-SR metrics of every layer of a checkpoint.
+
+    Args:
+        source: a checkpoint path (file or Hugging Face directory), a state dict, an
+            ``nn.Module``, or an already open :class:`~htsr_cli.checkpoint.Checkpoint`.
+        fit: power-law fit mode, one of ``ww``, ``median``, ``peak``, ``clip-xmax``.
+        metrics: a subset of the ten metrics (list or comma-separated); None for all.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        layers, exclude: fnmatch globs on layer names (state-dict key without ``.weight``).
+        min_evals: layers with fewer pooled eigenvalues are skipped (listed in ``skipped``).
+        seed: seed of the shuffles behind ``rand_distance``.
+        trust_pickle: allow torch files that need code to unpickle.
+        on_layer: called with each layer row (or skipped record) as soon as it is done.
+        on_progress: called as ``(done, total, layer_name)``.
+
+    Raises:
+        InputError: unreadable source, bad option, or no weight matrix to analyse.
+    """
+    if fit not in FIT_MODES:
+        raise InputError(f"unknown fit mode {fit!r}; choose from {', '.join(FIT_MODES)}")
+    if min_evals < 1:
+        raise InputError(f"--min-evals must be a positive integer, got {min_evals}")
+    names = parse_metrics(metrics)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(
+        source, trust_pickle=trust_pickle)
+    try:
+        if ckpt.path is not None:
+            ckpt.start_hashing()  # overlaps the sha256 of the files with the eigen-solves
+        candidates = _candidates(ckpt.tensors())
+        if not candidates:
+            raise InputError(f"{ckpt.path or 'the state dict'} holds no weight matrix "
+                             "(no '.weight' tensor with 2 or more dimensions)")
+        chosen = [r for r in candidates if _selected(r.key[:-len(".weight")], layers, exclude)]
+        if not chosen:
+            raise InputError(f"no layer matches --layers {list(layers)} / --exclude "
+                             f"{list(exclude)} ({len(candidates)} layers in the checkpoint)")
+        options = {"fit": fit, "metrics": names, "device": str(dev), "layers": list(layers),
+                   "exclude": list(exclude), "min_evals": min_evals, "seed": seed,
+                   "evals_thresh": spectrum.EVALS_THRESH}
+        result = Analysis(source={}, options=options)
+        for done, ref in enumerate(chosen):
+            name = ref.key[:-len(".weight")]
+            if on_progress:
+                on_progress(done, len(chosen), name)
+            reason = _skip_reason(ref, min_evals)
+            if reason:
+                record = {"name": name, "reason": reason}
+                result.skipped.append(record)
+            else:
+                record = analyze_layer(name, ckpt.load(ref.key), fit=fit, metrics=names,
+                                       device=dev, seed=seed)
+                result.layers.append(record)
+            if on_layer:
+                on_layer(record)
+        if on_progress:
+            on_progress(len(chosen), len(chosen), "")
+        result.source = {"path": ckpt.path, "format": ckpt.format, "files": ckpt.files()}
+        result.seconds = time.perf_counter() - t0
+        return result
+    finally:
+        if ckpt is not source:
+            ckpt.close()
+
+
+def _skip_reason(ref: TensorRef, min_evals: int) -> str:
+    geom = spectrum.geometry(ref.shape)
+    if geom is None:
+        return f"{len(ref.shape)}-D weight {tuple(ref.shape)} is not a Linear/Conv1d/Conv2d"
+    if ref.dtype not in _FLOAT_DTYPES:
+        return f"dtype {ref.dtype} is not a floating-point weight (quantized?)"
+    if geom.num_evals < min_evals:
+        return f"{geom.num_evals} eigenvalues < --min-evals {min_evals}"
+    return ""
