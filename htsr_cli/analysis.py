@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from . import spectrum
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .errors import InputError
 from .fit import FIT_MODES, fit_power_law
+from .gates import GateResult, evaluate_gates, parse_gate
 from .metrics import FIT_METRICS, METRICS, layer_metrics
 
 SCHEMA = "htsr.analysis/1"
@@ -47,7 +49,12 @@ class Analysis:
     options: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
 
     @property
     def metrics(self) -> list[str]:
@@ -63,14 +70,17 @@ class Analysis:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable({
+        doc = {
             "schema": SCHEMA,
             "source": self.source,
             "options": self.options,
             "summary": self.summary(),
             "layers": self.layers,
             "skipped": self.skipped,
-        })
+        }
+        if self.gates:
+            doc["gates"] = [g.to_dict() for g in self.gates]
+        return jsonable(doc)
 
 
 def jsonable(obj: Any) -> Any:
@@ -127,9 +137,21 @@ def _selected(name: str, layers: Sequence[str], exclude: Sequence[str]) -> bool:
     return not any(fnmatch.fnmatchcase(name, g) for g in exclude)
 
 
-def _candidates(refs: Iterable[TensorRef]) -> list[TensorRef]:
-    """Weight tensors that could be layers: ``*.weight`` keys of 2 or more dimensions."""
-    return [r for r in refs if r.key.endswith(".weight") and len(r.shape) >= 2]
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _candidates(ckpt: Checkpoint) -> list[TensorRef]:
+    """Weight tensors that could be layers: ``*.weight`` keys of 2 or more dimensions.
+
+    Torch files keep the state dict's (model) order. safetensors files store tensors sorted by
+    dtype and name, so there layers are put in natural order (``blocks.2`` before
+    ``blocks.10``), the closest to model order a name gives.
+    """
+    refs = [r for r in ckpt.tensors() if r.key.endswith(".weight") and len(r.shape) >= 2]
+    if ckpt.format.startswith("safetensors"):
+        refs.sort(key=lambda r: _natural_key(r.key))
+    return refs
 
 
 def _warning(fit_status: str, alpha: float, n_fit: int) -> str:
@@ -140,7 +162,7 @@ def _warning(fit_status: str, alpha: float, n_fit: int) -> str:
         elif alpha > ALPHA_HIGH:
             notes.append("under-trained")
     if n_fit < SMALL_SAMPLE:
-        notes.append(f"small sample ({n_fit} eigenvalues): alpha is unreliable")
+        notes.append(f"small sample ({n_fit} eigenvalues)")
     return "; ".join(notes)
 
 
@@ -196,6 +218,7 @@ def analyze(
     min_evals: int = DEFAULT_MIN_EVALS,
     seed: int = DEFAULT_SEED,
     trust_pickle: bool = False,
+    fail_if: Sequence[str] = (),
     on_layer: Callable[[dict[str, Any]], None] | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> Analysis:
@@ -211,6 +234,7 @@ def analyze(
         min_evals: layers with fewer pooled eigenvalues are skipped (listed in ``skipped``).
         seed: seed of the shuffles behind ``rand_distance``.
         trust_pickle: allow torch files that need code to unpickle.
+        fail_if: gate expressions (docs/gates.md), evaluated into ``Analysis.gates``.
         on_layer: called with each layer row (or skipped record) as soon as it is done.
         on_progress: called as ``(done, total, layer_name)``.
 
@@ -222,6 +246,12 @@ def analyze(
     if min_evals < 1:
         raise InputError(f"--min-evals must be a positive integer, got {min_evals}")
     names = parse_metrics(metrics)
+    gates = [parse_gate(g) for g in fail_if]  # malformed gates fail before any work
+    for gate in gates:
+        missing = [m for m in gate.metrics if m in METRICS and m not in names]
+        if missing:
+            raise InputError(f"--fail-if {gate.text!r} needs metric {missing[0]}, which is not "
+                             "in --metrics")
     dev = resolve_device(device)
     t0 = time.perf_counter()
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(
@@ -229,7 +259,7 @@ def analyze(
     try:
         if ckpt.path is not None:
             ckpt.start_hashing()  # overlaps the sha256 of the files with the eigen-solves
-        candidates = _candidates(ckpt.tensors())
+        candidates = _candidates(ckpt)
         if not candidates:
             raise InputError(f"{ckpt.path or 'the state dict'} holds no weight matrix "
                              "(no '.weight' tensor with 2 or more dimensions)")
@@ -239,7 +269,7 @@ def analyze(
                              f"{list(exclude)} ({len(candidates)} layers in the checkpoint)")
         options = {"fit": fit, "metrics": names, "device": str(dev), "layers": list(layers),
                    "exclude": list(exclude), "min_evals": min_evals, "seed": seed,
-                   "evals_thresh": spectrum.EVALS_THRESH}
+                   "evals_thresh": spectrum.EVALS_THRESH, "fail_if": list(fail_if)}
         result = Analysis(source={}, options=options)
         for done, ref in enumerate(chosen):
             name = ref.key[:-len(".weight")]
@@ -257,6 +287,7 @@ def analyze(
                 on_layer(record)
         if on_progress:
             on_progress(len(chosen), len(chosen), "")
+        result.gates = evaluate_gates(gates, result.layers)
         result.source = {"path": ckpt.path, "format": ckpt.format, "files": ckpt.files()}
         result.seconds = time.perf_counter() - t0
         return result

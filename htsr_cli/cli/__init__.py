@@ -1,0 +1,6 @@
+"""The command line: one small module per subcommand, each a thin layer over the library."""
+
+from . import analyze as _analyze  # noqa: F401  (registers the command)
+from .app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,79 @@
+"""``htsr analyze``: parse options, call :func:`htsr_cli.report.run_analysis`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..errors import EXIT_GATE_FAILED
+from .app import app
+
+_EPILOG = (
+    "Examples:\n\n"
+    "  htsr analyze                                   # the built-in demo checkpoint\n\n"
+    "  htsr analyze model.safetensors --format json -o report.json\n\n"
+    "  htsr analyze ./hf-model-dir --layers 'model.layers.*' --metrics alpha,stable_rank\n\n"
+    "  htsr analyze model.pt --fail-if 'alpha > 6' --fail-if 'mean(alpha) > 4.5'\n\n"
+    "  htsr analyze m.safetensors --format json | htsr allocate - --lr 0.1\n\n"
+    "Exit codes: 0 ok, 1 a --fail-if gate failed, 2 usage or input error."
+)
+
+
+@app.command("analyze", epilog=_EPILOG)
+def analyze_command(
+    checkpoint: Optional[str] = typer.Argument(  # noqa: UP045 (typer needs Optional here)
+        None, metavar="[CKPT]",
+        help="A .safetensors/.pt/.pth/.bin file or a Hugging Face model directory "
+             "(sharded or not). Default: the built-in digits CNN shipped with htsr."),
+    fmt: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--format", "-f",
+        help="table | json | csv | ndjson. Default: from the -o extension, else a table on a "
+             "terminal and json in a pipe. ndjson streams one layer per line."),
+    output: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    fit: str = typer.Option(
+        "ww", "--fit",
+        help="Power-law fit: ww (WeightWatcher: xmin = argmin KS distance), median "
+             "(TempBalance: xmin = median eigenvalue), peak (xmin near the ESD peak), "
+             "clip-xmax (refit without finger eigenvalues)."),
+    metrics: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--metrics", "-m",
+        help="Comma-separated subset of alpha, rand_distance, stable_rank, entropy, norm, "
+             "log_norm, spectral_norm, log_spectral_norm, alpha_weighted, log_alpha_norm. "
+             "Default: all ten. Leaving out rand_distance halves the work."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    layers: list[str] = typer.Option(
+        [], "--layers", help="Only layers whose name matches this glob (repeatable)."),
+    exclude: list[str] = typer.Option(
+        [], "--exclude", help="Leave out layers whose name matches this glob (repeatable)."),
+    min_evals: int = typer.Option(
+        8, "--min-evals", help="Skip (and list) layers with fewer pooled eigenvalues."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffles behind rand_distance."),
+    fail_if: list[str] = typer.Option(
+        [], "--fail-if",
+        help="CI gate (repeatable): 'alpha > 6', 'mean(alpha) > 4.5', 'count(alpha < 2) > 3', "
+             "\"alpha > 6 on 'encoder.*'\". Exit 1 when any holds. See docs/gates.md."),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle",
+        help="Allow torch files that need arbitrary code to unpickle. Only for files you "
+             "trust."),
+    progress: Optional[bool] = typer.Option(  # noqa: UP045
+        None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."),
+) -> None:
+    """Compute the ten HT-SR metrics of every layer of a checkpoint."""
+    from rich.console import Console
+
+    from ..data import default_checkpoint
+    from ..report import print_gates, run_analysis
+
+    err = Console(stderr=True, highlight=False)
+    result = run_analysis(
+        checkpoint if checkpoint is not None else str(default_checkpoint()),
+        fmt=fmt, output=output, progress=progress, stderr=err,
+        fit=fit, metrics=metrics, device=device, layers=layers, exclude=exclude,
+        min_evals=min_evals, seed=seed, fail_if=fail_if, trust_pickle=trust_pickle,
+    )
+    print_gates(result.gates, err)
+    if result.failed_gates:
+        raise typer.Exit(EXIT_GATE_FAILED)

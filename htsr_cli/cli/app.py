@@ -1,0 +1,67 @@
+"""The typer application and the entry point that maps errors to exit codes.
+
+Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from .. import __version__
+from ..errors import EXIT_USAGE, HtsrError
+
+app = typer.Typer(
+    name="htsr",
+    help="Heavy-Tailed Self-Regularization metrics for neural-network checkpoints.\n\n"
+    "Exit codes: 0 ok, 1 a --fail-if gate failed, 2 usage or input error.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"htsr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Heavy-Tailed Self-Regularization metrics for neural-network checkpoints."""
+
+
+def error(message: str) -> None:
+    """The one-line error format of every command."""
+    sys.stderr.write(f"htsr: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        code = app(args=argv, prog_name="htsr", standalone_mode=False)
+    except HtsrError as exc:
+        error(str(exc))
+        code = exc.exit_code
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "htsr"
+        error(f"{exc.format_message()} (see '{cmd} --help')")
+        code = EXIT_USAGE
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        sys.stderr.write("htsr: interrupted\n")
+        code = 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); not an error of ours.
+        sys.stderr.close()
+        code = 0
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,85 @@
+"""Writing outputs: atomically for files, directly for stdout and special files.
+
+A regular file is written to a temporary file beside it and renamed into place only when the
+whole document is written, so a failed or interrupted run never leaves a half-written output.
+A non-regular target that already exists (``/dev/stdout``, ``/dev/null``, a FIFO) is written
+directly and never replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from .errors import InputError
+
+
+def _is_special(path: Path) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode) and not path.is_dir()
+    except FileNotFoundError:
+        return False
+
+
+def check_writable(path: str | os.PathLike | None) -> None:
+    """Fail early (before any work) when ``-o PATH`` cannot be written."""
+    if path is None or str(path) == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"cannot write {p}: it is a directory")
+    if _is_special(p):
+        if not os.access(p, os.W_OK):
+            raise InputError(f"cannot write {p}: permission denied")
+        return
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise InputError(f"cannot write {p}: permission denied")
+
+
+@contextlib.contextmanager
+def open_output(path: str | os.PathLike | None, mode: str = "w") -> Iterator[TextIO]:
+    """Open an output for writing: stdout for None or ``-``, else atomically.
+
+    On an exception inside the block the temporary file is removed and the target is left as
+    it was.
+    """
+    if path is None or str(path) == "-":
+        yield sys.stdout.buffer if "b" in mode else sys.stdout  # type: ignore[misc]
+        sys.stdout.flush()
+        return
+    p = Path(path)
+    check_writable(p)
+    if _is_special(p):
+        with open(p, mode) as fh:
+            yield fh
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        if p.exists():
+            os.chmod(tmp, stat.S_IMODE(os.stat(p).st_mode))
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

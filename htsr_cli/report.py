@@ -1,0 +1,222 @@
+"""Rendering an analysis: rich table, JSON, CSV and NDJSON (docs/analysis-schema.md).
+
+``run_analysis`` is the library function behind ``htsr analyze``: it runs :func:`analyze`,
+streams NDJSON as layers finish, writes the chosen format atomically and returns the result.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from .analysis import SCHEMA, Analysis, analyze, jsonable
+from .errors import InputError
+from .output import check_writable, open_output
+
+FORMATS = ("table", "json", "csv", "ndjson")
+_EXT_FORMATS = {".json": "json", ".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson",
+                ".txt": "table"}
+
+
+def choose_format(fmt: str | None, output: str | None, stdout_is_tty: bool) -> str:
+    """``--format`` if given; else from the ``-o`` extension; else a table on a terminal and
+    JSON in a pipe."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+        return fmt
+    if output and output != "-":
+        return _EXT_FORMATS.get(Path(output).suffix.lower(), "json")
+    return "table" if stdout_is_tty else "json"
+
+
+def columns(analysis: Analysis) -> list[str]:
+    """Every per-layer column in document order (the CSV header)."""
+    seen: dict[str, None] = {}
+    for row in analysis.layers:
+        seen.update(dict.fromkeys(row))
+    return list(seen) or ["name"]
+
+
+def write_json(analysis: Analysis, fh: TextIO) -> None:
+    json.dump(analysis.to_dict(), fh, indent=2, allow_nan=False)
+    fh.write("\n")
+
+
+def write_csv(analysis: Analysis, fh: TextIO) -> None:
+    """One row per analysed layer, then one per skipped layer (``status`` = ``skipped``)."""
+    cols = columns(analysis)
+    if "status" not in cols:
+        cols.append("status")
+    if "warning" not in cols:
+        cols.append("warning")
+    writer = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    for row in analysis.layers:
+        writer.writerow({k: ("" if v is None else v) for k, v in jsonable(row).items()})
+    for rec in analysis.skipped:
+        writer.writerow({"name": rec["name"], "status": "skipped", "warning": rec["reason"]})
+
+
+def ndjson_record(record: dict[str, Any]) -> str:
+    """One NDJSON line: a layer (``record: layer``) or a skipped layer (``record: skipped``)."""
+    kind = "skipped" if "reason" in record and "num_evals" not in record else "layer"
+    return json.dumps({"record": kind, **jsonable(record)}, allow_nan=False)
+
+
+def ndjson_summary(analysis: Analysis) -> str:
+    """The last NDJSON line: the document without its per-layer lists."""
+    doc = analysis.to_dict()
+    doc.pop("layers")
+    doc.pop("skipped")
+    return json.dumps({"record": "summary", **doc}, allow_nan=False)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.3g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.3f}"
+    return str(v)
+
+
+_SHORT = {"rand_distance": "rand_dist", "stable_rank": "stable_rank",
+          "log_spectral_norm": "log_spec_norm", "spectral_norm": "spec_norm",
+          "alpha_weighted": "alpha_w", "log_alpha_norm": "log_alpha_norm"}
+
+
+def render_table(analysis: Analysis, console: Console) -> None:
+    """A rich table: one row per layer, the metric means, then the skipped layers."""
+    src = analysis.source.get("path") or "(in memory)"
+    opts = analysis.options
+    table = Table(title=f"{src}  fit={opts['fit']}  device={opts['device']}  "
+                        f"{len(analysis.layers)} layers  {analysis.seconds:.1f}s",
+                  title_justify="left", show_lines=False, header_style="bold")
+    table.add_column("layer", overflow="fold")
+    table.add_column("N×M·rf", justify="right")
+    for m in analysis.metrics:
+        table.add_column(_SHORT.get(m, m), justify="right")
+    table.add_column("D", justify="right")
+    table.add_column("warning", overflow="fold", style="dim")
+    for row in analysis.layers:
+        cells = [row["name"], f"{row['N']}×{row['M']}·{row['rf']}"]
+        for m in analysis.metrics:
+            text = _fmt(row.get(m))
+            if m == "alpha" and row.get(m) is not None and not math.isnan(row[m]):
+                style = "red" if row[m] < 2 else ("yellow" if row[m] > 6 else "green")
+                text = f"[{style}]{text}[/]"
+            cells.append(text)
+        cells += [_fmt(row.get("D")), row.get("warning", "")]
+        table.add_row(*cells)
+    summary = analysis.summary()
+    table.add_section()
+    table.add_row("[bold]mean[/]", "", *[_fmt(summary[m]) for m in analysis.metrics], "", "")
+    console.print(table)
+    for rec in analysis.skipped:
+        console.print(f"[dim]skipped[/] {rec['name']}: {rec['reason']}")
+
+
+def write_table(analysis: Analysis, fh: TextIO, color: bool) -> None:
+    width = None if color else 160
+    console = Console(file=fh, force_terminal=color or None, no_color=not color,
+                      width=width, highlight=False)
+    render_table(analysis, console)
+
+
+def run_analysis(
+    source: Any,
+    *,
+    fmt: str | None = None,
+    output: str | None = None,
+    progress: bool | None = None,
+    stderr: Console | None = None,
+    **options: Any,
+) -> Analysis:
+    """Analyse ``source`` (see :func:`analyze` for ``options``) and write the result.
+
+    Args:
+        fmt: ``table``, ``json``, ``csv`` or ``ndjson``; None chooses (see
+            :func:`choose_format`).
+        output: a file path (written atomically), ``-`` or None for stdout.
+        progress: show a progress bar on stderr; None means only when stderr is a terminal.
+        stderr: console for progress and notes (defaults to sys.stderr).
+    """
+    err = stderr or Console(stderr=True, highlight=False)
+    fmt = choose_format(fmt, output, sys.stdout.isatty())
+    check_writable(output)
+    with open_output(output) as fh:
+        on_layer: Callable[[dict[str, Any]], None] | None = None
+        if fmt == "ndjson":
+            def on_layer(record: dict[str, Any]) -> None:
+                fh.write(ndjson_record(record) + "\n")
+                fh.flush()
+        with _progress_bar(err, progress) as on_progress:
+            result = analyze(source, on_layer=on_layer, on_progress=on_progress, **options)
+        if fmt == "ndjson":
+            fh.write(ndjson_summary(result) + "\n")
+        elif fmt == "json":
+            write_json(result, fh)
+        elif fmt == "csv":
+            write_csv(result, fh)
+        else:
+            to_terminal = (output is None or output == "-") and sys.stdout.isatty()
+            write_table(result, fh, color=to_terminal and "NO_COLOR" not in os.environ)
+    return result
+
+
+class _progress_bar:
+    """A transient rich progress bar on stderr, as an ``on_progress`` callback."""
+
+    def __init__(self, console: Console, enabled: bool | None) -> None:
+        self.enabled = console.is_terminal if enabled is None else enabled
+        self.console = console
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int, int, str], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(TextColumn("[bold]analyze[/]"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.description}"),
+                            console=self.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("", total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            self.bar.update(self.task, completed=done, total=total, description=name)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def print_gates(results: Sequence[Any], console: Console) -> None:
+    """One line per gate on stderr; failing gates list their offending layers."""
+    from rich.text import Text
+
+    for g in results:
+        console.print(Text(g.message, style="green" if g.passed else "red"), soft_wrap=True)
+
+
+__all__ = ["FORMATS", "SCHEMA", "choose_format", "run_analysis", "print_gates",
+           "write_json", "write_csv", "write_table", "ndjson_record", "ndjson_summary"]

@@ -1,0 +1,218 @@
+"""Tests for ``--fail-if`` gate parsing and evaluation (htsr_cli.gates)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from htsr_cli.errors import InputError
+from htsr_cli.gates import GATE_COLUMNS, Gate, evaluate_gates, parse_gate
+
+NAN = float("nan")
+
+
+def _layers(**columns: list) -> list[dict]:
+    """Layers named features.0, features.1, ... and, last, classifier."""
+    n = len(next(iter(columns.values())))
+    names = [f"features.{i}" for i in range(n - 1)] + ["classifier"]
+    return [{"name": names[i], **{k: v[i] for k, v in columns.items()}} for i in range(n)]
+
+
+# alphas 1.5, 3.0, 7.0 and a failed fit (None); spectral norms with a known argmax/argmin.
+LAYERS = _layers(alpha=[1.5, 3.0, 7.0, None], log_spectral_norm=[0.5, 4.0, 2.0, 1.0])
+# features.0 = 1.5, features.1 = 3.0, features.2 = 7.0, classifier = None
+STD = math.sqrt(sum((a - 23 / 6) ** 2 for a in (1.5, 3.0, 7.0)) / 3)
+
+
+def check(expr: str, layers: list[dict] = LAYERS):
+    (result,) = evaluate_gates([parse_gate(expr)], layers)
+    return result
+
+
+def offenders(result) -> list[tuple[str, float]]:
+    return [(o["name"], o["value"]) for o in result.offending]
+
+
+def test_per_layer_condition_lists_exactly_the_offending_layers():
+    r = check("alpha > 6")
+    assert not r.passed and r.value is None
+    assert offenders(r) == [("features.2", 7.0)]
+    assert r.message == "FAIL alpha > 6: 1 layer (features.2)"
+    r = check("alpha < 2")
+    assert offenders(r) == [("features.0", 1.5)]
+
+
+def test_per_layer_nan_never_offends_even_with_not_equal():
+    r = check("alpha != 3")
+    assert [name for name, _ in offenders(r)] == ["features.0", "features.2"]
+    r = check("alpha > 100")
+    assert r.passed and r.offending == []
+    assert r.message.startswith("ok   alpha > 100: 0 of 4 layers (1 without a value")
+
+
+@pytest.mark.parametrize(
+    ("expr", "passed", "value", "offending"),
+    [
+        ("mean(alpha) > 4.5", True, (1.5 + 3.0 + 7.0) / 3, []),
+        ("mean(alpha) > 3.8", False, (1.5 + 3.0 + 7.0) / 3, []),
+        ("median(alpha) == 3", False, 3.0, []),
+        ("sum(alpha) >= 11.5", False, 11.5, []),
+        ("std(alpha) > 3", True, STD, []),  # population std (ddof=0)
+        ("max(log_spectral_norm) > 3", False, 4.0, [("features.1", 4.0)]),
+        ("max(log_spectral_norm) > 4", True, 4.0, []),
+        ("min(alpha) < 2", False, 1.5, [("features.0", 1.5)]),
+        ("min(log_spectral_norm) <= 0.4", True, 0.5, []),
+        ("count(alpha < 2) > 0", False, 1.0, [("features.0", 1.5)]),
+        ("count(alpha < 2) > 3", True, 1.0, []),
+        ("count(alpha >= 3) == 2", False, 2.0, [("features.1", 3.0), ("features.2", 7.0)]),
+        ("count(alpha != 3) > 2", True, 2.0, []),  # the None layer is not counted
+    ],
+)
+def test_aggregates(expr, passed, value, offending):
+    r = check(expr)
+    assert r.passed is passed
+    assert r.value == pytest.approx(value)
+    assert offenders(r) == offending
+    assert r.message.startswith(("ok   " if passed else "FAIL ") + expr + ": ")
+
+
+def test_aggregate_message_reports_the_value():
+    assert check("mean(alpha) > 4.5").message == "ok   mean(alpha) > 4.5: mean(alpha) = 3.833"
+    r = check("count(alpha < 2) > 0")
+    assert r.message == "FAIL count(alpha < 2) > 0: count(alpha < 2) = 1 (features.0)"
+
+
+def test_aggregate_over_no_values_is_nan_and_passes():
+    r = check("mean(alpha) < 100 on classifier")
+    assert r.passed and math.isnan(r.value) and r.offending == []
+    assert "nan" in r.message and "NaN never satisfies" in r.message
+    assert r.to_dict()["value"] is None
+    # count over the same layer is a real number, 0.
+    assert check("count(alpha < 100) == 0 on classifier").passed is False
+
+
+def test_on_glob_restricts_layers():
+    layers = [
+        {"name": "encoder.0", "alpha": 7.5},
+        {"name": "encoder.1", "alpha": 2.5},
+        {"name": "decoder.0", "alpha": 9.0},
+    ]
+    r = check("alpha > 6 on 'encoder.*'", layers)
+    assert offenders(r) == [("encoder.0", 7.5)]
+    assert offenders(check('alpha > 6 on "decoder.*"', layers)) == [("decoder.0", 9.0)]
+    assert check("  mean( alpha )>=4.5  on encoder.*", layers).value == pytest.approx(5.0)
+    assert check("  mean( alpha )>=5.1  on encoder.*", layers).passed
+    assert check("alpha > 6 on Encoder.*", layers).passed  # case-sensitive match
+    r = check("alpha > 6 on 'head.*'", layers)
+    assert r.passed and r.message == "ok   alpha > 6 on 'head.*': no layer matches 'head.*'"
+
+
+def test_examples_parse_to_the_expected_structure():
+    assert parse_gate("alpha>6") == Gate("alpha>6", "alpha", ">", 6.0)
+    g = parse_gate("stable_rank <= 1e-3")
+    assert (g.metric, g.op, g.threshold, g.agg) == ("stable_rank", "<=", 1e-3, None)
+    g = parse_gate("count(alpha < 2) > 3")
+    assert (g.agg, g.inner_op, g.inner_threshold, g.op, g.threshold) == ("count", "<", 2, ">", 3)
+    assert g.metrics == ("alpha",)
+    assert parse_gate("max(log_spectral_norm) > 3").metrics == ("log_spectral_norm",)
+    assert parse_gate("  mean( alpha )>=4.5  on features.*").glob == "features.*"
+    assert parse_gate("alpha > -inf").threshold == -math.inf
+    assert parse_gate("alpha > +.5E+1").threshold == 5.0
+    assert parse_gate("N >= 10").metric == "N"
+    assert "matrix_rank" in GATE_COLUMNS and len(GATE_COLUMNS) == 21
+
+
+def test_stable_rank_example_evaluates():
+    layers = _layers(stable_rank=[0.0005, 0.002, None])
+    assert offenders(check("stable_rank <= 1e-3", layers)) == [("features.0", 0.0005)]
+
+
+@pytest.mark.parametrize(
+    ("expr", "hint"),
+    [
+        ("alpha >> 6", "expected a number after '>' at column 8"),
+        ("alpha > ", "expected a number after '>' at end of expression"),
+        ("> 6", "column 1"),
+        ("mean(alpha > 6", "expected ')' after 'alpha' at column 12"),
+        ("mean alpha > 6", "expected '(' after 'mean' at column 6"),
+        ("count(alpha) > 3", "count() takes a condition"),
+        ("foo > 1", "unknown metric 'foo' at column 1 (allowed: alpha, rand_distance"),
+        ("alpha > six", "expected a number after '>' at column 9"),
+        ("alpha > 6 on", "expected a layer glob after 'on'"),
+        ("alpha > 6 extra", "unexpected 'extra' at column 11"),
+        ("__import__('os') > 1", "unknown metric '__import__'"),
+        ("", "empty expression"),
+        ("   ", "empty expression"),
+        ("alpha > nan", "nan is not allowed"),
+        ("alpha = 6", "expected one of > >= < <= == != after 'alpha' at column 7"),
+        ("alpha > 6.5.3", "column 9"),
+        ("alpha > 6x", "column 9"),
+        ("Alpha > 6", "unknown metric 'Alpha'"),
+        ("alpha > 6 on 'enc", "unterminated quote"),
+        ("alpha > 6 on enc dec", "unexpected 'dec' after the glob"),
+        ("alpha > 6 on ''", "empty glob"),
+        ("mean(alpha) > 6 > 7", "unexpected '>'"),
+        ("alpha\n> six", "column 9"),
+    ],
+)
+def test_malformed_expressions_raise_one_line_input_error(expr, hint):
+    with pytest.raises(InputError) as info:
+        parse_gate(expr)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"malformed --fail-if {expr!r}: ")
+    assert hint in message
+    assert info.value.exit_code == 2
+
+
+def test_metric_not_computed_is_an_input_error_at_evaluation():
+    gate = parse_gate("rand_distance > 0.5")
+    with pytest.raises(InputError) as info:
+        evaluate_gates([gate], LAYERS)
+    assert str(info.value) == (
+        "--fail-if 'rand_distance > 0.5' needs metric rand_distance, which was not computed "
+        "(add it to --metrics)"
+    )
+    # Even when the glob selects nothing, the metric must have been computed.
+    with pytest.raises(InputError):
+        evaluate_gates([parse_gate("rand_distance > 0.5 on nothing")], LAYERS)
+
+
+def test_to_dict_is_json_ready():
+    d = check("count(alpha >= 3) > 1").to_dict()
+    assert set(d) == {"gate", "passed", "value", "offending", "message"}
+    assert json.loads(json.dumps(d, allow_nan=False)) == d
+    assert d["offending"] == [
+        {"name": "features.1", "value": 3.0},
+        {"name": "features.2", "value": 7.0},
+    ]
+
+
+def test_long_offender_lists_are_truncated_in_the_message_only():
+    layers = [{"name": f"l{i}", "alpha": 9.0} for i in range(20)]
+    r = check("alpha > 6", layers)
+    assert len(r.offending) == 20
+    assert r.message.endswith("l7, ... +12 more)") and "\n" not in r.message
+
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+CMPS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite, max_size=12), finite, st.sampled_from(sorted(CMPS)))
+def test_property_per_layer_and_count_match_python(values, threshold, op):
+    layers = [{"name": f"layer{i}", "alpha": v} for i, v in enumerate(values)]
+    t = repr(threshold)
+    expected = [f"layer{i}" for i, v in enumerate(values) if CMPS[op](v, threshold)]
+    per_layer, counted = evaluate_gates(
+        [parse_gate(f"alpha {op} {t}"), parse_gate(f"count(alpha {op} {t}) >= 0")], layers
+    )
+    assert per_layer.passed == (not any(CMPS[op](v, threshold) for v in values))
+    assert [o["name"] for o in per_layer.offending] == expected
+    if values:  # with no layers at all every gate passes and has no value
+        assert counted.value == sum(CMPS[op](v, threshold) for v in values)
