@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from .. import __version__
@@ -51,15 +50,21 @@ def main(argv: list[str] | None = None) -> None:
     except HtsrError as exc:
         error(str(exc))
         code = exc.exit_code
-    except click.UsageError as exc:
-        cmd = exc.ctx.command_path if exc.ctx else "htsr"
-        error(f"{exc.format_message()} (see '{cmd} --help')")
-        code = EXIT_USAGE
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("htsr: interrupted\n")
         code = 130
+    except typer.TyperException as exc:
+        # typer's (vendored) click usage errors: one line, exit 2, or help when no arguments.
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            sys.stdout.write(ctx.get_help() + "\n")
+            code = 0
+        else:
+            cmd = ctx.command_path if ctx is not None else "htsr"
+            error(f"{exc.format_message()} (see '{cmd} --help')")
+            code = getattr(exc, "exit_code", EXIT_USAGE)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`); not an error of ours.
         sys.stderr.close()
