@@ -12,7 +12,7 @@ import math
 import re
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from .errors import InputError
 from .fit import FIT_MODES, fit_power_law
 from .gates import GateResult, evaluate_gates, parse_gate
 from .metrics import FIT_METRICS, METRICS, layer_metrics
+from .output import jsonable
 
 SCHEMA = "htsr.analysis/1"
 DEFAULT_MIN_EVALS = 8
@@ -81,17 +82,6 @@ class Analysis:
         if self.gates:
             doc["gates"] = [g.to_dict() for g in self.gates]
         return jsonable(doc)
-
-
-def jsonable(obj: Any) -> Any:
-    """Deep copy with NaN/inf turned into None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def resolve_device(device: str) -> torch.device:

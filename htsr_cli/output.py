@@ -9,13 +9,15 @@ directly and never replaced.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .errors import InputError
 
@@ -83,3 +85,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def jsonable(obj: Any) -> Any:
+    """Deep copy with NaN/inf turned into None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def write_json(doc: Mapping[str, Any], path: str | os.PathLike | None) -> None:
+    """Write a JSON document (NaN as null) to ``path`` atomically, or to stdout."""
+    with open_output(path) as fh:
+        json.dump(jsonable(doc), fh, indent=2, allow_nan=False)
+        fh.write("\n")

@@ -18,9 +18,9 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from .analysis import SCHEMA, Analysis, analyze, jsonable
+from .analysis import SCHEMA, Analysis, analyze
 from .errors import InputError
-from .output import check_writable, open_output
+from .output import check_writable, jsonable, open_output
 
 FORMATS = ("table", "json", "csv", "ndjson")
 _EXT_FORMATS = {".json": "json", ".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson",
