@@ -240,8 +240,8 @@ def analyze(
     for gate in gates:
         missing = [m for m in gate.metrics if m in METRICS and m not in names]
         if missing:
-            raise InputError(f"--fail-if {gate.text!r} needs metric {missing[0]}, which is not "
-                             "in --metrics")
+            raise InputError(f"--fail-if {gate.text!r} needs metric {missing[0]}, which was not "
+                             "computed (add it to --metrics)")
     dev = resolve_device(device)
     t0 = time.perf_counter()
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(

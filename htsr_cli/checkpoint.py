@@ -129,8 +129,9 @@ class _DictShard:
         return tuple(t.shape), str(t.dtype).removeprefix("torch.")
 
     def get(self, key: str) -> torch.Tensor:
-        # detach() shares storage: no copy; mmap'd tensors are private mappings anyway.
-        return self._tensors[key].detach().cpu()
+        # detach() shares storage: no copy; mmap'd tensors are private mappings anyway. The
+        # tensor stays on its device, so a live CUDA model is analysed on CUDA.
+        return self._tensors[key].detach()
 
     def close(self) -> None:
         self._tensors = {}
@@ -183,7 +184,7 @@ def _load_torch(file: str, trust_pickle: bool) -> _DictShard:
     )
 
 
-def _strip_ddp(keys: list[str]) -> list[str]:
+def strip_ddp_prefix(keys: list[str]) -> list[str]:
     """Drop a DDP 'module.' prefix when most keys have it and no two keys would merge."""
     n = sum(k.startswith("module.") for k in keys)
     if n * 2 <= len(keys):
@@ -260,7 +261,7 @@ class Checkpoint:
                     entries.extend((file, key) for key in self._shard(file).keys)
             refs, where = [], {}
             for (file, stored), key in zip(
-                entries, _strip_ddp([k for _, k in entries]), strict=True
+                entries, strip_ddp_prefix([k for _, k in entries]), strict=True
             ):
                 if key in where:
                     raise InputError(

@@ -1,6 +1,7 @@
 """Errors that the CLI turns into one line on stderr and a documented exit code.
 
-Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error.
+Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error, 141 the reader
+of stdout closed the pipe (as for any Unix filter).
 """
 
 from __future__ import annotations
@@ -20,3 +21,9 @@ class InputError(HtsrError):
     """Bad input: missing/corrupt/unknown checkpoint, malformed option or document."""
 
     exit_code = EXIT_USAGE
+
+
+class PipeClosed(HtsrError):
+    """The reader of stdout went away (``| head``): stop quietly, like any Unix filter."""
+
+    exit_code = 141  # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe

@@ -23,13 +23,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from htsr_cli.columns import METRICS, NUMERIC_COLUMNS
 from htsr_cli.errors import InputError
 
-GATE_COLUMNS: tuple[str, ...] = (
-    "alpha", "rand_distance", "stable_rank", "entropy", "norm", "log_norm", "spectral_norm",
-    "log_spectral_norm", "alpha_weighted", "log_alpha_norm",
-    "N", "M", "Q", "rf", "num_evals", "xmin", "xmax", "D", "sigma", "num_pl_spikes", "matrix_rank",
-)  # fmt: skip
+GATE_COLUMNS: tuple[str, ...] = METRICS + NUMERIC_COLUMNS
 AGGREGATES: tuple[str, ...] = ("mean", "median", "min", "max", "sum", "std")
 _CMP: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt,

@@ -10,18 +10,7 @@ import math
 
 import torch
 
-METRICS = (
-    "alpha",
-    "rand_distance",
-    "stable_rank",
-    "entropy",
-    "norm",
-    "log_norm",
-    "spectral_norm",
-    "log_spectral_norm",
-    "alpha_weighted",
-    "log_alpha_norm",
-)
+from .columns import METRICS  # noqa: F401  (re-exported)
 
 #: Metrics that need the power-law fit.
 FIT_METRICS = frozenset({"alpha", "alpha_weighted", "log_alpha_norm"})

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import InputError
+from .errors import InputError, PipeClosed
 
 
 def _is_special(path: Path) -> bool:
@@ -55,8 +55,11 @@ def open_output(path: str | os.PathLike | None, mode: str = "w") -> Iterator[Tex
     it was.
     """
     if path is None or str(path) == "-":
-        yield sys.stdout.buffer if "b" in mode else sys.stdout  # type: ignore[misc]
-        sys.stdout.flush()
+        try:
+            yield sys.stdout.buffer if "b" in mode else sys.stdout  # type: ignore[misc]
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise PipeClosed() from None
         return
     p = Path(path)
     check_writable(p)

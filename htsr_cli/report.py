@@ -103,7 +103,8 @@ def render_table(analysis: Analysis, console: Console) -> None:
     table = Table(title=f"{src}  fit={opts['fit']}  device={opts['device']}  "
                         f"{len(analysis.layers)} layers  {analysis.seconds:.1f}s",
                   title_justify="left", show_lines=False, header_style="bold")
-    table.add_column("layer", overflow="fold")
+    table.add_column("layer", no_wrap=True,
+                     min_width=max((len(r["name"]) for r in analysis.layers), default=5))
     table.add_column("N×M·rf", justify="right")
     for m in analysis.metrics:
         table.add_column(_SHORT.get(m, m), justify="right")
@@ -127,10 +128,12 @@ def render_table(analysis: Analysis, console: Console) -> None:
         console.print(f"[dim]skipped[/] {rec['name']}: {rec['reason']}")
 
 
-def write_table(analysis: Analysis, fh: TextIO, color: bool) -> None:
-    width = None if color else 160
-    console = Console(file=fh, force_terminal=color or None, no_color=not color,
-                      width=width, highlight=False)
+def write_table(analysis: Analysis, fh: TextIO, terminal: bool) -> None:
+    """The table; styled only on a terminal without ``NO_COLOR`` (then plain text), and as
+    wide as it needs off a terminal (no terminal width to respect there)."""
+    styled = terminal and not os.environ.get("NO_COLOR")  # no-color.org: set and non-empty
+    console = Console(file=fh, force_terminal=styled, no_color=not styled, highlight=False,
+                      width=None if terminal else 400)
     render_table(analysis, console)
 
 
@@ -170,8 +173,7 @@ def run_analysis(
         elif fmt == "csv":
             write_csv(result, fh)
         else:
-            to_terminal = (output is None or output == "-") and sys.stdout.isatty()
-            write_table(result, fh, color=to_terminal and "NO_COLOR" not in os.environ)
+            write_table(result, fh, (output is None or output == "-") and sys.stdout.isatty())
     return result
 
 

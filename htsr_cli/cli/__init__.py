@@ -1,5 +1,6 @@
 """The command line: one small module per subcommand, each a thin layer over the library."""
 
+from . import allocate as _allocate  # noqa: F401
 from . import analyze as _analyze  # noqa: F401  (registers the command)
 from .app import app, main
 

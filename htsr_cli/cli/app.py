@@ -1,16 +1,18 @@
 """The typer application and the entry point that maps errors to exit codes.
 
-Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error (one line on stderr).
+Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error (one line on stderr),
+141 the reader of stdout closed the pipe.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
 from .. import __version__
-from ..errors import EXIT_USAGE, HtsrError
+from ..errors import EXIT_USAGE, HtsrError, PipeClosed
 
 app = typer.Typer(
     name="htsr",
@@ -43,10 +45,22 @@ def error(message: str) -> None:
     sys.stderr.write(f"htsr: error: {message}\n")
 
 
+def _command_path(argv: list[str] | None) -> str:
+    """``htsr SUBCOMMAND`` from the arguments, for the help hint of an error raised before
+    click built a context."""
+    args = sys.argv[1:] if argv is None else argv
+    sub = next((a for a in args if not a.startswith("-")), None)
+    return f"htsr {sub}" if sub in {c.name for c in app.registered_commands} else "htsr"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
         code = app(args=argv, prog_name="htsr", standalone_mode=False)
+    except PipeClosed as exc:
+        # Silence the interpreter's final flush of a stdout nobody reads.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = exc.exit_code
     except HtsrError as exc:
         error(str(exc))
         code = exc.exit_code
@@ -62,11 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.write(ctx.get_help() + "\n")
             code = 0
         else:
-            cmd = ctx.command_path if ctx is not None else "htsr"
+            cmd = ctx.command_path if ctx is not None else _command_path(argv)
             error(f"{exc.format_message()} (see '{cmd} --help')")
             code = getattr(exc, "exit_code", EXIT_USAGE)
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`); not an error of ours.
-        sys.stderr.close()
-        code = 0
     sys.exit(code if isinstance(code, int) else 0)
