@@ -52,6 +52,8 @@ class Analysis:
     skipped: list[dict[str, str]] = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)
     seconds: float = 0.0
+    #: layer name -> ascending eigenvalues (CPU, float64), only with ``keep_spectra=True``.
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def failed_gates(self) -> list[GateResult]:
@@ -158,14 +160,19 @@ def _warning(fit_status: str, alpha: float, n_fit: int) -> str:
 
 def analyze_layer(name: str, weight: torch.Tensor, *, fit: str = "ww",
                   metrics: Sequence[str] = METRICS, device: torch.device | str = "cpu",
-                  seed: int = DEFAULT_SEED) -> dict[str, Any]:
-    """Every column of one layer from its weight tensor (the unit the whole tool is built on)."""
+                  seed: int = DEFAULT_SEED,
+                  spectra: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Every column of one layer from its weight tensor (the unit the whole tool is built on).
+
+    When ``spectra`` is given, the layer's eigenvalues are stored there under its name."""
     geom = spectrum.geometry(tuple(weight.shape))
     if geom is None:
         raise ValueError(f"{name}: shape {tuple(weight.shape)} is not a layer")
     w = weight.to(device=device, dtype=torch.float32) if weight.dtype not in (
         torch.float32, torch.float64) else weight.to(device)
     evals = spectrum.eigenvalues(w, device)
+    if spectra is not None:
+        spectra[name] = evals.cpu()
     wanted = frozenset(metrics)
     if wanted & FIT_METRICS:
         pl = fit_power_law(evals, fit, spectrum.EVALS_THRESH)
@@ -209,6 +216,7 @@ def analyze(
     seed: int = DEFAULT_SEED,
     trust_pickle: bool = False,
     fail_if: Sequence[str] = (),
+    keep_spectra: bool = False,
     on_layer: Callable[[dict[str, Any]], None] | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> Analysis:
@@ -225,6 +233,7 @@ def analyze(
         seed: seed of the shuffles behind ``rand_distance``.
         trust_pickle: allow torch files that need code to unpickle.
         fail_if: gate expressions (docs/gates.md), evaluated into ``Analysis.gates``.
+        keep_spectra: keep every layer's eigenvalues in ``Analysis.spectra`` (for plots).
         on_layer: called with each layer row (or skipped record) as soon as it is done.
         on_progress: called as ``(done, total, layer_name)``.
 
@@ -271,7 +280,8 @@ def analyze(
                 result.skipped.append(record)
             else:
                 record = analyze_layer(name, ckpt.load(ref.key), fit=fit, metrics=names,
-                                       device=dev, seed=seed)
+                                       device=dev, seed=seed,
+                                       spectra=result.spectra if keep_spectra else None)
                 result.layers.append(record)
             if on_layer:
                 on_layer(record)

@@ -112,6 +112,9 @@ class _SafetensorsShard:
                 f"cannot read tensor {key!r} from {self.file}: {_one_line(exc)}"
             ) from None
 
+    def metadata(self) -> dict[str, str]:
+        return dict(self._handle.metadata() or {})
+
     def close(self) -> None:
         self._handle.__exit__(None, None, None)
 
@@ -243,6 +246,15 @@ class Checkpoint:
             else:
                 self._open[file] = _load_torch(file, self._trust_pickle)
         return self._open[file]
+
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` strings of a safetensors checkpoint (of its first shard); empty
+        for other formats. htsr keeps its pruning record there."""
+        first = self._shard_files[0] if self._shard_files else None
+        if first is None or not first.endswith(".safetensors"):
+            return {}
+        shard = self._shard(first)
+        return shard.metadata() if isinstance(shard, _SafetensorsShard) else {}
 
     def tensors(self) -> list[TensorRef]:
         """Every tensor's key, shape, dtype and file, in index/file order, loading no data."""

@@ -400,6 +400,8 @@ class Reallocator:
         if not (math.isfinite(base_lr) and base_lr > 0):  # a schedule may reach 0
             base_lr = 1.0
         options = {"device": _analysis_device(self.model), **self.allocate_options}
+        # Sampled schemes draw fresh noise at every re-allocation, reproducibly.
+        options["seed"] = int(self.allocate_options.get("seed", 0)) + self.count
         with torch.no_grad():
             plan = allocate(self.model, lr=base_lr, scheme=self.scheme, metric=self.metric,
                             **options)
