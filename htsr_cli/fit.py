@@ -60,22 +60,31 @@ def _alphas(logx: torch.Tensor, small_n: bool) -> tuple[torch.Tensor, torch.Tens
 
 def _ks_distances(x: torch.Tensor, logx: torch.Tensor, alpha: torch.Tensor,
                   idx: torch.Tensor) -> torch.Tensor:
-    """D_i for the candidate indices ``idx`` (any subset of 0..n-2)."""
+    """D_i for the candidate indices ``idx`` (ascending, any subset of 0..n-2).
+
+    With ``k = j - i``: ``|1 - (x_j/x_i)^(1-a) - k/n_i| = |(1 + i/n_i) - j/n_i - e_ij|`` with
+    ``e_ij = exp((1-a)(ln x_j - ln x_i))``. A block of candidates starting at ``i0`` only needs
+    the columns ``j >= i0``, and only its first columns hold ``j < i`` entries to mask.
+    """
     n = x.numel()
     out = torch.ones(idx.numel(), dtype=x.dtype, device=x.device)
     if idx.numel() == 0:
         return out
+    j_all = torch.arange(n, dtype=x.dtype, device=x.device)
     block = max(1, _BLOCK_ELEMS // n)
-    j = torch.arange(n, device=x.device)
     for start in range(0, idx.numel(), block):
         ii = idx[start:start + block]
+        i0 = int(ii[0])
         a = alpha[ii]
-        n_i = (n - ii).to(x.dtype)
-        k = (j[None, :] - ii[:, None]).to(x.dtype)  # k = j - i; negative where j < i
-        # (x_j/x_i)^(1-alpha) through logs: one exp per element.
-        cdf = 1 - torch.exp((1 - a)[:, None] * (logx[None, :] - logx[ii][:, None]))
-        dev = (cdf - k / n_i[:, None]).abs_()
-        dev.masked_fill_(k < 0, 0.0)
+        inv_n = 1.0 / (n - ii).to(x.dtype)
+        e = (logx[None, i0:] - logx[ii][:, None]).mul_((1 - a)[:, None]).exp_()
+        dev = torch.addcmul((1 + ii.to(x.dtype) * inv_n)[:, None], j_all[None, i0:],
+                            inv_n[:, None], value=-1.0)
+        dev.sub_(e).abs_()
+        width = min(int(ii[-1]) - i0, dev.shape[1])
+        if width > 0:  # entries with j < i are not part of candidate i's tail
+            below = j_all[None, i0:i0 + width] < ii.to(x.dtype)[:, None]
+            dev[:, :width].masked_fill_(below, 0.0)
         d = dev.amax(dim=1)
         out[start:start + block] = torch.where(torch.isfinite(a) & (a > 1), d,
                                                torch.ones_like(d))

@@ -98,8 +98,8 @@ def shuffled(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """
     mats = slices(weight)
     rf, rows, cols = mats.shape
-    perm = torch.argsort(torch.rand(rf, rows * cols, generator=generator), dim=1)
     flat = mats.reshape(rf, rows * cols)
+    perm = torch.stack([torch.randperm(rows * cols, generator=generator) for _ in range(rf)])
     out = torch.gather(flat, 1, perm.to(flat.device)).reshape(rf, rows, cols)
     # Back to the original layout so that eigenvalues() slices it the same way.
     if weight.ndim == 2:
