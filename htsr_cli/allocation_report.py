@@ -7,7 +7,6 @@ import csv
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -16,25 +15,17 @@ from rich.text import Text
 
 from .allocation import MIN_MULTIPLIER, allocate
 from .errors import InputError
-from .output import check_writable, jsonable, open_output, write_json
+from .output import check_writable, choose_format, jsonable, open_output, write_json
 from .plans import LRPlan
 
 PLAN_FORMATS = ("table", "json", "csv")
-_EXT_FORMATS = {".json": "json", ".csv": "csv", ".txt": "table"}
 _BAR_WIDTH = 16
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 def choose_plan_format(fmt: str | None, output: str | None, stdout_is_tty: bool) -> str:
-    """``--format`` if given; else from the ``-o`` extension (JSON when unknown); else a table
-    on a terminal and JSON in a pipe (as ``htsr analyze``)."""
-    if fmt is not None:
-        if fmt not in PLAN_FORMATS:
-            raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(PLAN_FORMATS)}")
-        return fmt
-    if output and output != "-":
-        return _EXT_FORMATS.get(Path(output).suffix.lower(), "json")
-    return "table" if stdout_is_tty else "json"
+    """See :func:`htsr_cli.output.choose_format`."""
+    return choose_format(fmt, output, stdout_is_tty, PLAN_FORMATS)
 
 
 def bar(value: float, largest: float, width: int = _BAR_WIDTH) -> str:

@@ -106,3 +106,21 @@ def write_json(doc: Mapping[str, Any], path: str | os.PathLike | None) -> None:
     with open_output(path) as fh:
         json.dump(jsonable(doc), fh, indent=2, allow_nan=False)
         fh.write("\n")
+
+
+_EXT_FORMATS = {".json": "json", ".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson",
+                ".txt": "table"}
+
+
+def choose_format(fmt: str | None, output: str | os.PathLike | None, stdout_is_tty: bool,
+                  allowed: tuple[str, ...]) -> str:
+    """The output format of a command: ``--format`` if given; else from the ``-o`` extension
+    (JSON when unknown); else a table on a terminal and JSON in a pipe."""
+    if fmt is not None:
+        if fmt not in allowed:
+            raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(allowed)}")
+        return fmt
+    if output is not None and str(output) != "-":
+        guess = _EXT_FORMATS.get(Path(output).suffix.lower(), "json")
+        return guess if guess in allowed else "json"
+    return "table" if stdout_is_tty else "json"

@@ -12,31 +12,21 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
 from .analysis import SCHEMA, Analysis, analyze
-from .errors import InputError
 from .output import check_writable, jsonable, open_output
+from .output import choose_format as output_format
 
 FORMATS = ("table", "json", "csv", "ndjson")
-_EXT_FORMATS = {".json": "json", ".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson",
-                ".txt": "table"}
 
 
 def choose_format(fmt: str | None, output: str | None, stdout_is_tty: bool) -> str:
-    """``--format`` if given; else from the ``-o`` extension; else a table on a terminal and
-    JSON in a pipe."""
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
-        return fmt
-    if output and output != "-":
-        return _EXT_FORMATS.get(Path(output).suffix.lower(), "json")
-    return "table" if stdout_is_tty else "json"
+    """See :func:`htsr_cli.output.choose_format`."""
+    return output_format(fmt, output, stdout_is_tty, FORMATS)
 
 
 def columns(analysis: Analysis) -> list[str]:
