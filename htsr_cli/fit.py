@@ -54,7 +54,8 @@ def _alphas(logx: torch.Tensor, small_n: bool) -> tuple[torch.Tensor, torch.Tens
     num = n_i - 1 if small_n else n_i
     with torch.no_grad():
         alpha = 1 + num / s
-    alpha = torch.where(s > 0, alpha, torch.full_like(alpha, math.inf))
+    # A tail whose log-spread is at rounding level (all eigenvalues equal) has no exponent.
+    alpha = torch.where(s > 1e-9 * n_i, alpha, torch.full_like(alpha, math.inf))
     return alpha, s
 
 

@@ -50,7 +50,8 @@ def _command_path(argv: list[str] | None) -> str:
     click built a context."""
     args = sys.argv[1:] if argv is None else argv
     sub = next((a for a in args if not a.startswith("-")), None)
-    return f"htsr {sub}" if sub in {c.name for c in app.registered_commands} else "htsr"
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    return f"htsr {sub}" if sub in names else "htsr"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,9 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as exc:
         # typer's (vendored) click usage errors: one line, exit 2, or help when no arguments.
         ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            sys.stdout.write(ctx.get_help() + "\n")
-            code = 0
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            code = 0  # typer has already printed the help
         else:
             cmd = ctx.command_path if ctx is not None else _command_path(argv)
             error(f"{exc.format_message()} (see '{cmd} --help')")
