@@ -136,12 +136,13 @@ def _natural_key(name: str) -> list[Any]:
 def _candidates(ckpt: Checkpoint) -> list[TensorRef]:
     """Weight tensors that could be layers: ``*.weight`` keys of 2 or more dimensions.
 
-    Torch files keep the state dict's (model) order. safetensors files store tensors sorted by
-    dtype and name, so there layers are put in natural order (``blocks.2`` before
-    ``blocks.10``), the closest to model order a name gives.
+    Torch files keep the state dict's (model) order, and so do safetensors files written by
+    htsr (they record it). Other safetensors files store tensors sorted by dtype and name, so
+    there layers are put in natural order (``blocks.2`` before ``blocks.10``), the closest to
+    model order a name gives.
     """
     refs = [r for r in ckpt.tensors() if r.key.endswith(".weight") and len(r.shape) >= 2]
-    if ckpt.format.startswith("safetensors"):
+    if not ckpt.model_order:
         refs.sort(key=lambda r: _natural_key(r.key))
     return refs
 

@@ -75,6 +75,26 @@ class TensorRef:
     file: str | None  # file the tensor lives in; None for in-memory sources
 
 
+#: safetensors ``__metadata__`` key holding the state dict's key order (a JSON list).
+KEY_ORDER_META = "htsr.key_order"
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write a state dict as safetensors, atomically, recording its key (model) order.
+
+    Tensors are made contiguous CPU copies; ``metadata`` values must be strings.
+    """
+    from safetensors.torch import save_file
+
+    from .output import atomic_path
+
+    meta = {KEY_ORDER_META: json.dumps(list(tensors)), **(metadata or {})}
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(data, tmp, metadata=meta)
+
+
 def _one_line(exc: BaseException) -> str:
     """First line of a library error, so our messages stay on one line."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -282,8 +302,32 @@ class Checkpoint:
                 shape, dtype = self._shard(file).meta(stored)
                 refs.append(TensorRef(key=key, shape=shape, dtype=dtype, file=file))
                 where[key] = (file, stored)
+            order = self._stored_order()
+            if order is not None:
+                rank = {k: i for i, k in enumerate(order)}
+                refs.sort(key=lambda r: rank.get(r.key, len(rank)))
             self._refs, self._where = refs, where
         return list(self._refs)
+
+    def _stored_order(self) -> list[str] | None:
+        """The model's key order, when htsr wrote it into the safetensors metadata."""
+        raw = self.metadata().get(KEY_ORDER_META)
+        if raw is None:
+            return None
+        try:
+            order = json.loads(raw)
+        except json.JSONDecodeError:
+            return None
+        return order if isinstance(order, list) else None
+
+    @property
+    def model_order(self) -> bool:
+        """Whether ``tensors()`` lists tensors in the model's order: torch files and in-memory
+        state dicts keep it; safetensors only when htsr recorded it (safetensors itself stores
+        tensors sorted by dtype and name)."""
+        if not self.format.startswith("safetensors"):
+            return True
+        return self._stored_order() is not None
 
     def load(self, key: str) -> torch.Tensor:
         """Load one tensor (CPU, stored dtype) by its (DDP-stripped) key."""

@@ -84,6 +84,24 @@ def open_output(path: str | os.PathLike | None, mode: str = "w") -> Iterator[Tex
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside ``path`` for a writer that needs a file name (safetensors,
+    matplotlib); renamed onto ``path`` when the block succeeds, removed when it fails."""
+    p = Path(path)
+    check_writable(p)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, stat.S_IMODE(os.stat(p).st_mode) if p.exists() else 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

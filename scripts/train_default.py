@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if str(REPO) not in sys.path:  # run from a checkout without installing the package
         sys.path.insert(0, str(REPO))
-    from safetensors.torch import save_file
-
+    from htsr_cli.checkpoint import save_safetensors
     from htsr_cli.data import load_digits
 
     torch.use_deterministic_algorithms(True)
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": str(args.threads),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(args.out), metadata=metadata)
+    save_safetensors(state, args.out, metadata=metadata)  # records the model's layer order
     print(f"trained {args.epochs} epochs in {seconds:.1f} s on {torch.get_num_threads()} threads")
     print(f"train accuracy {train_acc:.4f}  test accuracy {test_acc:.4f}")
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")

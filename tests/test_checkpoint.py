@@ -513,3 +513,26 @@ def test_input_file_is_never_modified(tmp_path: Path, name: str) -> None:
     assert sorted(os.listdir(tmp_path)) == entries_before
     with open_checkpoint(path) as ckpt:
         assert torch.equal(ckpt.load("w"), sd["w"])
+
+
+def test_save_safetensors_records_the_model_order(tmp_path):
+    """safetensors sorts tensors by dtype and name; htsr's writer records the state dict's
+    order so that layer order (first/last-layer guards, plots) survives the round trip."""
+    from safetensors.torch import save_file
+
+    from htsr_cli.checkpoint import save_safetensors
+
+    sd = {"stem.weight": torch.ones(4, 3), "blocks.10.weight": torch.ones(5, 4),
+          "blocks.2.weight": torch.ones(6, 5), "head.weight": torch.ones(2, 6),
+          "head.bias": torch.zeros(2)}
+    ours = tmp_path / "ordered.safetensors"
+    save_safetensors(sd, ours, metadata={"note": "x"})
+    with open_checkpoint(str(ours)) as ckpt:
+        assert [r.key for r in ckpt.tensors()] == list(sd)
+        assert ckpt.model_order and ckpt.metadata()["note"] == "x"
+        assert torch.equal(ckpt.load("blocks.2.weight"), sd["blocks.2.weight"])
+    plain = tmp_path / "plain.safetensors"
+    save_file(sd, str(plain))
+    with open_checkpoint(str(plain)) as ckpt:
+        assert not ckpt.model_order
+    assert not list(tmp_path.glob(".*.tmp"))
