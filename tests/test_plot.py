@@ -102,8 +102,8 @@ def test_esd_line_slope_is_minus_alpha_and_alpha_matches_the_mle(tmp_path):
 def test_esd_histogram_is_a_density_and_the_line_carries_the_tail_share(tmp_path):
     result = plot_esd(CKPT, tmp_path / "esd.pdf", layers=["classifier.*", "features.6"])
     assert_image(tmp_path / "esd.pdf", "pdf")
-    assert [p.name for p in result.panels] == ["classifier.0", "classifier.3", "classifier.5",
-                                               "features.6"]
+    assert [p.name for p in result.panels] == ["features.6", "classifier.0", "classifier.3",
+                                               "classifier.5"]
     for p in result.panels:
         widths = np.diff(p.bin_edges)
         mass = p.density * widths
@@ -128,7 +128,7 @@ def test_esd_grid_size_cap_and_linear_mode(tmp_path):
         slope, _ = np.polyfit(np.log10(p.line_x), np.log10(p.line_y), 1)
         assert slope == pytest.approx(-p.alpha, rel=1e-9)
     capped = plot_esd(CKPT, tmp_path / "capped.png", max_layers=2, dpi=50)
-    assert [p.name for p in capped.panels] == ["classifier.0", "classifier.3"]
+    assert [p.name for p in capped.panels] == ["features.0", "features.2"]
     assert any("2 of 6" in n for n in capped.notes)
     assert png_size(tmp_path / "capped.png") == (int(3.6 * 2 * 50), int(3.6 * 50))
 

@@ -3,6 +3,7 @@
 from . import allocate as _allocate  # noqa: F401
 from . import analyze as _analyze  # noqa: F401  (registers the command)
 from . import plot as _plot  # noqa: F401
+from . import prune as _prune  # noqa: F401
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -1,0 +1,134 @@
+"""The pruning plan: the ``htsr.prune-plan/1`` document (docs/prune.md)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InputError
+from ..output import jsonable
+from ..plans import check_schema, finite, read_json, require
+
+PLAN_SCHEMA = "htsr.prune-plan/1"
+
+
+@dataclass
+class LayerPlan:
+    """One prunable layer: its metric, planned budget and what pruning achieved.
+
+    ``budget`` is the method's fraction of parameters to remove (before channel rounding in
+    structured mode); ``ratio`` is the fraction actually removed, ``1 - after/before``.
+    """
+
+    name: str
+    params_before: int
+    metric_value: float = math.nan
+    budget: float = 0.0
+    params_after: int = 0
+    channels_before: int | None = None
+    channels_after: int | None = None
+    group: str | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name, "metric_value": self.metric_value, "budget": self.budget,
+            "ratio": self.ratio, "params_before": self.params_before,
+            "params_after": self.params_after,
+        }
+        if self.channels_before is not None:
+            d["channels_before"] = self.channels_before
+            d["channels_after"] = self.channels_after
+        if self.group is not None:
+            d["group"] = self.group
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+@dataclass
+class GroupPlan:
+    """Layers whose output channels Torch-Pruning removes together (residual adds, depthwise
+    convolutions, concatenations): one channel ratio for all of them."""
+
+    name: str  # the group's root layer
+    members: list[str]
+    budget: float  # parameter-weighted mean of the members' budgets
+    channel_ratio: float  # the ratio of output channels passed to Torch-Pruning
+    channels_before: int
+    channels_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "members": list(self.members), "coupled": len(self.members) > 1,
+                "budget": self.budget, "channel_ratio": self.channel_ratio,
+                "channels_before": self.channels_before, "channels_after": self.channels_after}
+
+
+@dataclass
+class PrunePlan:
+    """The result of :func:`htsr_cli.pruning.prune`; ``to_dict()`` is the plan document.
+
+    ``model`` is the pruned ``nn.Module`` after structured pruning (not serialised).
+    """
+
+    source: dict[str, Any]
+    mode: str  # "unstructured" | "structured"
+    method: str
+    metric: str | None
+    params: dict[str, Any]
+    target: dict[str, Any]
+    achieved: dict[str, Any]
+    layers: list[LayerPlan]
+    groups: list[GroupPlan] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    output: str | None = None
+    model: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "schema": PLAN_SCHEMA, "source": self.source, "mode": self.mode,
+            "method": self.method, "metric": self.metric, "params": self.params,
+            "target": self.target, "achieved": self.achieved,
+            "groups": [g.to_dict() for g in self.groups],
+            "layers": [layer.to_dict() for layer in self.layers],
+            "notes": list(self.notes),
+        }
+        if self.output is not None:
+            doc["output"] = self.output
+        return jsonable(doc)
+
+
+def read_plan(source: str | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A prune-plan document from a path, ``-`` or a dict, checked enough to reuse its
+    per-layer budgets; returns (document, label)."""
+    if isinstance(source, Mapping):
+        doc, label = dict(source), "plan"
+    else:
+        doc, label = read_json(source)
+    check_schema(doc, PLAN_SCHEMA, label)
+    require(doc, ("method", "target", "layers"), label)
+    layers = doc["layers"]
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, dict) for x in layers):
+        raise InputError(f"{label}: 'layers' must be a non-empty list of objects")
+    for i, layer in enumerate(layers):
+        require(layer, ("name",), f"{label} layers[{i}]")
+        value = finite(layer.get("budget", layer.get("ratio")))
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise InputError(f"{label} layers[{i}] ({layer['name']}): budget must be in [0, 1), "
+                             f"got {layer.get('budget', layer.get('ratio'))!r}")
+    return doc, label
+
+
+def plan_budgets(doc: Mapping[str, Any]) -> dict[str, float]:
+    """Layer name -> the plan's budget (its ``budget``, else its achieved ``ratio``)."""
+    return {str(x["name"]): float(finite(x.get("budget", x.get("ratio"))))
+            for x in doc["layers"]}
+
+
+__all__ = ["PLAN_SCHEMA", "LayerPlan", "GroupPlan", "PrunePlan", "read_plan", "plan_budgets"]
