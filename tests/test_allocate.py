@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from htsr_cli import allocation
 from htsr_cli.allocation import (
     MIN_MULTIPLIER,
     SCHEMES,
