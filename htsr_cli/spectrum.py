@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: Eigenvalues at or below this enter no power-law fit (WeightWatcher ``EVALS_THRESH``).
@@ -25,9 +26,9 @@ EVALS_THRESH = 1e-5
 #: Squared singular-value scale applied to conv slices: (1/sqrt(2))**2.
 CONV_EIG_SCALE = 0.5
 
-# Below this fraction of lambda_max an eigenvalue from the Gram matrix is mostly rounding noise,
-# so the rank is recounted from singular values.
-_RANK_SUSPECT = 1e-10
+# Gram eigenvalues carry rounding noise of about M * eps * lambda_max; one within 100x of that
+# may be a zero singular value, so the rank is then recounted from an SVD.
+_RANK_NOISE_MARGIN = 100.0
 
 
 @dataclass(frozen=True)
@@ -81,30 +82,41 @@ def _gram(mats: torch.Tensor) -> torch.Tensor:
 
 
 def eigenvalues(weight: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Pooled ESD of a layer: ascending float64 eigenvalues on ``device``, clamped at 0."""
+    """Pooled ESD of a layer: ascending float64 eigenvalues on ``device``, clamped at 0.
+
+    On the CPU the Gram product and ``eigvalsh`` go through numpy's BLAS/LAPACK, measured ~1.5x
+    faster than torch's CPU kernels here (benchmarks/analyze_vs_weightwatcher.py prints both
+    lower bounds); mixing the two libraries' thread pools is slower than either, so both steps
+    take the same route. Same formulas, same float64 results to rounding.
+    """
     mats = slices(weight.to(device))
-    evals = torch.linalg.eigvalsh(_gram(mats)).reshape(-1)
+    if mats.device.type == "cpu":
+        m = mats.numpy().astype(np.float64)
+        gram = np.swapaxes(m, -1, -2) @ m if m.shape[-2] >= m.shape[-1] else \
+            m @ np.swapaxes(m, -1, -2)
+        evals = torch.from_numpy(np.linalg.eigvalsh(gram)).reshape(-1)
+    else:
+        evals = torch.linalg.eigvalsh(_gram(mats)).reshape(-1)
     if weight.ndim > 2:
         evals = evals * CONV_EIG_SCALE
     return torch.sort(evals.clamp_min(0.0)).values
 
 
-def shuffled(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def shuffled(weight: torch.Tensor, seed: int) -> torch.Tensor:
     """The weight with the entries of each slice randomly permuted (WeightWatcher's randomised
     ESD shuffles each slice on its own, which keeps every slice's Frobenius norm).
 
-    The permutation is drawn on the CPU from ``generator`` so that a seed gives the same
-    result on every device.
+    The shuffle runs on the CPU with numpy's generator seeded by ``seed`` (measured ~1.6x
+    faster than torch's randperm + gather), so a seed gives the same matrix on every device.
     """
-    mats = slices(weight)
-    rf, rows, cols = mats.shape
-    flat = mats.reshape(rf, rows * cols)
-    perm = torch.stack([torch.randperm(rows * cols, generator=generator) for _ in range(rf)])
-    out = torch.gather(flat, 1, perm.to(flat.device)).reshape(rf, rows, cols)
+    rng = np.random.default_rng(seed)
+    mats = np.array(slices(weight.detach().cpu()).numpy(), copy=True)  # (rf, out, in)
+    for flat in mats.reshape(mats.shape[0], -1):
+        rng.shuffle(flat)
+    out = torch.from_numpy(mats)
     # Back to the original layout so that eigenvalues() slices it the same way.
-    if weight.ndim == 2:
-        return out[0]
-    return out.permute(1, 2, 0).reshape(weight.shape)
+    out = out[0] if weight.ndim == 2 else out.permute(1, 2, 0).reshape(weight.shape)
+    return out.to(weight.device)
 
 
 def matrix_rank(weight: torch.Tensor, evals: torch.Tensor, geom: LayerGeometry) -> int:
@@ -119,7 +131,8 @@ def matrix_rank(weight: torch.Tensor, evals: torch.Tensor, geom: LayerGeometry) 
     if lam_max <= 0.0:
         return 0
     scale = CONV_EIG_SCALE if weight.ndim > 2 else 1.0
-    if float(evals[0]) > lam_max * _RANK_SUSPECT:
+    noise = geom.M * torch.finfo(torch.float64).eps * lam_max
+    if float(evals[0]) > _RANK_NOISE_MARGIN * noise:
         return int(evals.numel())
     mats = slices(weight.to(evals.device)).to(torch.float64)
     sv = torch.linalg.svdvals(mats).reshape(-1) * scale**0.5
