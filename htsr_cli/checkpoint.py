@@ -104,8 +104,26 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _header_offsets(file: str) -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges of every tensor, from the safetensors header (an 8-byte
+    little-endian length, then that many bytes of JSON with ``data_offsets`` relative to the
+    end of the header)."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    base = 8 + n
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
 class _SafetensorsShard:
-    """One memory-mapped safetensors file; only the header is read at open."""
+    """One safetensors file; only the header is read at open.
+
+    ``safe_open`` validates the header and serves shapes and metadata. Tensor data is read with
+    ``pread`` into a fresh buffer instead of through safetensors' memory map: mapped pages stay
+    in the process's resident set until the file is closed, so a whole checkpoint would count
+    against peak RSS; a read keeps it at the tensor in hand.
+    """
 
     def __init__(self, file: str) -> None:
         self.file = file
@@ -114,6 +132,7 @@ class _SafetensorsShard:
             # Offset (on-disk) order, so a caller loading in order reads the file sequentially.
             by_offset = getattr(self._handle, "offset_keys", self._handle.keys)
             self.keys = dict.fromkeys(by_offset())  # ordered, O(1) lookup
+            self._offsets = _header_offsets(file)
         except Exception as exc:  # SafetensorError, OSError, ...: all mean unreadable input
             raise InputError(
                 f"{file} is not a valid safetensors file (truncated or corrupt?): {_one_line(exc)}"
@@ -126,7 +145,21 @@ class _SafetensorsShard:
 
     def get(self, key: str) -> torch.Tensor:
         try:
-            return self._handle.get_tensor(key)
+            shape, dtype = self.meta(key)
+            start, end = self._offsets[key]
+            torch_dtype = getattr(torch, dtype, None)
+            if torch_dtype is None or end <= start:  # exotic dtype or empty: the library path
+                return self._handle.get_tensor(key)
+            buf = bytearray(end - start)
+            view, n = memoryview(buf), 0
+            with open(self.file, "rb", buffering=0) as fh:
+                fh.seek(start)
+                while n < len(buf):  # one read() returns at most ~2 GiB on Linux
+                    got = fh.readinto(view[n:])
+                    if not got:
+                        raise OSError(f"file ends {len(buf) - n} bytes early")
+                    n += got
+            return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
         except Exception as exc:  # the file may have changed or be damaged past the header
             raise InputError(
                 f"cannot read tensor {key!r} from {self.file}: {_one_line(exc)}"
