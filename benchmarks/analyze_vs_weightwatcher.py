@@ -23,8 +23,9 @@ One run of this script:
    tensor, not the checkpoint size.
 
 Every child runs under a small wrapper (``_RUNNER``) that does the job in-process and writes its
-own ``getrusage(RUSAGE_SELF).ru_maxrss`` plus the sampled peaks of ``RssAnon``/``RssFile``
-(``/proc/self/status``, every 20 ms) to a side file. Generated files are deleted at the end
+own peak RSS (``VmHWM`` from ``/proc/self/status``; not ``ru_maxrss``, which Linux carries over
+``execve`` from the parent) plus the sampled peaks of ``RssAnon``/``RssFile`` (every 20 ms) to a
+side file. Generated files are deleted at the end
 unless ``--keep``. See benchmarks/README.md.
 """
 
@@ -164,7 +165,14 @@ finally:
     _read()
     with open(_side, "w") as fh:
         _ru = resource.getrusage(resource.RUSAGE_SELF)
-        json.dump({"maxrss_kb": _ru.ru_maxrss, "cpu_s": _ru.ru_utime + _ru.ru_stime,
+        # Peak RSS: VmHWM of this process's own address space. ru_maxrss is NOT used: Linux
+        # keeps it across execve, so a child reports at least its parent's RSS at the fork.
+        try:
+            with open("/proc/self/status") as _st:
+                _hwm = int(re.search(r"^VmHWM:\s+(\d+) kB", _st.read(), re.M).group(1))
+        except (OSError, AttributeError):
+            _hwm = _ru.ru_maxrss
+        json.dump({"maxrss_kb": _hwm, "cpu_s": _ru.ru_utime + _ru.ru_stime,
                    "sys_s": _ru.ru_stime, "majflt": _ru.ru_majflt,
                    "peak_anon_kb": _peak["RssAnon"], "peak_file_kb": _peak["RssFile"],
                    "rc": rc, "extra": extra}, fh)
@@ -184,7 +192,7 @@ class Job:
 class Measurement:
     label: str
     seconds: float  # median wall time over the runs
-    maxrss_mib: float  # max over the runs of ru_maxrss
+    maxrss_mib: float  # max over the runs of the child's VmHWM (peak RSS)
     anon_mib: float  # max over the runs of the sampled RssAnon peak
     file_mib: float  # max over the runs of the sampled RssFile peak
     cpu_s: float  # median user+sys CPU seconds
@@ -426,6 +434,16 @@ def environment_summary() -> None:
     except Exception:  # noqa: BLE001 - informative only
         pass
     log("versions: " + ", ".join(versions))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", repo, "log", "-1", "--format=%h %cd", "--date=iso"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "htsr_cli"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        log(f"htsr source: commit {head}" + (" + uncommitted changes in htsr_cli/" if dirty
+                                             else " (htsr_cli/ clean)"))
+    except (OSError, subprocess.CalledProcessError):
+        pass
     env = {k: v for k, v in os.environ.items()
            if re.match(r"(OPENBLAS|OMP|MKL|GOTO|BLIS|VECLIB|NUMEXPR)_", k)}
     log("BLAS/threading env (passed unchanged to every child): "
