@@ -32,11 +32,9 @@ Every user mistake (missing, empty, corrupt or unknown input) raises
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,13 +42,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from htsr_cli import digest
 from htsr_cli.errors import InputError
 
 __all__ = ["Checkpoint", "TensorRef", "open_checkpoint"]
 
 _TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
 _STATE_KEYS = ("state_dict", "model", "module")
-_HASH_CHUNK = 8 << 20
 _EXPECTED = "expected .safetensors, .pt/.pth/.bin/.ckpt or a Hugging Face model directory"
 _DIR_EXPECTED = (
     "expected model.safetensors, model.safetensors.index.json, *.safetensors, "
@@ -249,18 +247,6 @@ def strip_ddp_prefix(keys: list[str]) -> list[str]:
     return stripped if len(set(stripped)) == len(stripped) else keys
 
 
-def _sha256(path: str) -> dict[str, Any]:
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):  # hashlib releases the GIL on big chunks
-                digest.update(chunk)
-                size += len(chunk)
-    except OSError as exc:
-        raise InputError(f"cannot read {path} to hash it: {_one_line(exc)}") from None
-    return {"path": path, "bytes": size, "sha256": digest.hexdigest()}
-
-
 class Checkpoint:
     """A lazily read checkpoint. Use :func:`open_checkpoint` to create one."""
 
@@ -286,10 +272,6 @@ class Checkpoint:
             self._open[None] = memory
         self._refs: list[TensorRef] | None = None
         self._where: dict[str, tuple[str | None, str]] = {}  # key -> (file, stored key)
-        self._hashes: list[dict[str, Any]] | None = None
-        self._hash_error: Exception | None = None
-        self._hash_thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     def _shard(self, file: str | None) -> _SafetensorsShard | _DictShard:
         if file not in self._open:
@@ -371,30 +353,13 @@ class Checkpoint:
         return self._shard(file).get(stored)
 
     def start_hashing(self) -> None:
-        """Start hashing the input files in a background thread (idempotent)."""
-        with self._lock:
-            if self._hash_thread is None:
-                self._hash_thread = threading.Thread(
-                    target=self._hash_all, name="htsr-sha256", daemon=True
-                )
-                self._hash_thread.start()
-
-    def _hash_all(self) -> None:
-        try:
-            self._hashes = [_sha256(p) for p in self._hash_paths]
-        except Exception as exc:  # handed to the caller's thread by files()
-            self._hash_error = exc
+        """Start hashing the input files in the background (idempotent; htsr_cli.digest)."""
+        for path in self._hash_paths:
+            digest.start(path)
 
     def files(self) -> list[dict[str, Any]]:
         """``[{"path", "bytes", "sha256"}]`` for every input file; [] for in-memory sources."""
-        self.start_hashing()
-        assert self._hash_thread is not None
-        self._hash_thread.join()
-        if isinstance(self._hash_error, InputError):
-            raise InputError(str(self._hash_error)) from None
-        if self._hash_error is not None:
-            raise self._hash_error
-        return [dict(entry) for entry in self._hashes or []]
+        return [digest.record(path) for path in self._hash_paths]
 
     def close(self) -> None:
         """Release file handles and mappings; metadata stays available."""

@@ -81,8 +81,40 @@ def _gram(mats: torch.Tensor) -> torch.Tensor:
     return m @ m.mT
 
 
+#: Largest float64 block the CPU Gram product converts at once: a large layer's Gram is summed
+#: over row blocks, so no float64 copy of the whole layer exists (peak memory ~ the float32 tensor
+#: plus this). Blocks this size cost ~5% over one product (benchmarks/README.md).
+GRAM_BLOCK_BYTES = 32 << 20
+
+
+def _gram_cpu(mats: np.ndarray) -> np.ndarray:
+    """Float64 Gram matrices on the smaller side of each ``(a, b)`` matrix of ``(rf, a, b)``."""
+    if mats.shape[1] < mats.shape[2]:
+        mats = np.swapaxes(mats, 1, 2)  # contract over the longer side: (rf, long, short)
+    rf, long, short = mats.shape
+    if rf * long * short * 8 <= GRAM_BLOCK_BYTES:
+        m = mats.astype(np.float64)
+        return np.swapaxes(m, 1, 2) @ m  # one batched call for small layers (conv kernels)
+    out = np.zeros((rf, short, short))
+    tmp = np.empty((short, short))
+    rows = max(1, GRAM_BLOCK_BYTES // (8 * short))
+    for s in range(rf):
+        for r in range(0, long, rows):
+            block = mats[s, r:r + rows].astype(np.float64)  # contiguous: numpy uses syrk
+            np.matmul(block.T, block, out=tmp)
+            out[s] += tmp
+    return out
+
+
+class NonFiniteWeightError(ValueError):
+    """The weight holds NaN or infinite entries (a diverged run): it has no spectrum."""
+
+
 def eigenvalues(weight: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Pooled ESD of a layer: ascending float64 eigenvalues on ``device``, clamped at 0.
+
+    Raises :class:`NonFiniteWeightError` when the weight has NaN or infinite entries (checked
+    on the small Gram matrix, where any such entry shows, instead of on the whole weight).
 
     On the CPU the Gram product and ``eigvalsh`` go through numpy's BLAS/LAPACK, measured ~1.5x
     faster than torch's CPU kernels here (benchmarks/analyze_vs_weightwatcher.py prints both
@@ -91,12 +123,15 @@ def eigenvalues(weight: torch.Tensor, device: torch.device | str = "cpu") -> tor
     """
     mats = slices(weight.to(device))
     if mats.device.type == "cpu":
-        m = mats.numpy().astype(np.float64)
-        gram = np.swapaxes(m, -1, -2) @ m if m.shape[-2] >= m.shape[-1] else \
-            m @ np.swapaxes(m, -1, -2)
-        evals = torch.from_numpy(np.linalg.eigvalsh(gram)).reshape(-1)
+        gram = torch.from_numpy(_gram_cpu(mats.numpy()))
     else:
-        evals = torch.linalg.eigvalsh(_gram(mats)).reshape(-1)
+        gram = _gram(mats)
+    if not bool(torch.isfinite(gram).all()):
+        raise NonFiniteWeightError("weight has NaN or infinite entries")
+    if gram.device.type == "cpu":
+        evals = torch.from_numpy(np.linalg.eigvalsh(gram.numpy())).reshape(-1)
+    else:
+        evals = torch.linalg.eigvalsh(gram).reshape(-1)
     if weight.ndim > 2:
         evals = evals * CONV_EIG_SCALE
     return torch.sort(evals.clamp_min(0.0)).values

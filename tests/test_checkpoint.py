@@ -483,6 +483,24 @@ def test_start_hashing_matches_files_for_sharded_dir(tmp_path: Path) -> None:
     assert open_checkpoint(d).files() == expected
 
 
+def test_a_file_is_hashed_once_and_again_after_it_changes(tmp_path: Path) -> None:
+    from htsr_cli import digest
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(4)}, str(path))
+    digest.prefetch(str(path))  # what the CLI does before importing torch
+    digest.prefetch(str(tmp_path))  # a directory: nothing to do, no error
+    digest.prefetch(str(tmp_path / "missing.pt"))  # left to the reader's own message
+    first = digest.start(str(path))
+    assert digest.start(str(path)) is first  # same file, same job
+    assert digest.record(str(path))["sha256"] == sha(path)
+    save_file({"w": torch.ones(8)}, str(path))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert digest.start(str(path)) is not first
+    assert digest.record(str(path)) == {"path": str(path), "bytes": path.stat().st_size,
+                                        "sha256": sha(path)}
+
+
 def test_hashing_a_vanished_file_is_input_error(tmp_path: Path) -> None:
     path = tmp_path / "gone.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))

@@ -526,6 +526,7 @@ BAD: dict[str, Bad] = {
                           existing_output=True),
     "bad-int-option": Bad(("{root}/model.safetensors", "--min-evals", "many"),
                           ("--min-evals",)),
+    "jobs-zero": Bad(("{root}/model.safetensors", "--jobs", "0"), ("--jobs",)),
     "layers-match-nothing": Bad(("{root}/model.safetensors", "--layers", "nomatch*"),
                                 ("no layer matches", "nomatch*")),
     "malformed-gate": Bad(("{root}/model.safetensors", "--fail-if", "alpha >> 6"),
@@ -692,6 +693,25 @@ def test_seed_makes_rand_distance_reproducible(files: Files) -> None:
         values[key] = {row["name"]: row["rand_distance"] for row in doc["layers"]}
     assert values["a"] == values["b"]
     assert any(values["a"][name] != values["c"][name] for name in ALIVE_LAYERS), values
+
+
+def test_jobs_change_nothing_but_speed(files: Files) -> None:
+    """Layers analysed one at a time or three at once: same document, same streaming order."""
+    procs = run_many({jobs: call(files.st, "--format", "ndjson", "--jobs", jobs)
+                      for jobs in ("1", "3")})
+    lines = {}
+    for jobs, proc in procs.items():
+        assert_ok(proc)
+        lines[jobs] = [json.loads(line) for line in proc.stdout.splitlines()]
+    one, three = lines["1"], lines["3"]
+    assert [r.get("name") for r in one] == [r.get("name") for r in three]
+    for a, b in zip(one, three, strict=True):
+        assert a.keys() == b.keys()
+        for key, va in a.items():
+            if isinstance(va, float):
+                assert va == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a.get("name"), key)
+            elif key != "source":
+                assert va == b[key], (a.get("name"), key)
 
 
 # --------------------------------------------------------------------------------------------

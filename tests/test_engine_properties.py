@@ -191,3 +191,19 @@ def test_cuda_matches_cpu():
         gpu = analyze_layer("w", weight, device="cuda")
         for m in ALL + ("rand_distance", "xmin", "D", "matrix_rank"):
             assert _close(gpu[m], cpu[m], 1e-6), (m, gpu[m], cpu[m])
+
+
+@pytest.mark.parametrize("shape", [(700, 90), (90, 700), (40, 24, 3, 3), (24, 40, 5)])
+def test_gram_summed_over_row_blocks_gives_the_squared_singular_values(monkeypatch, shape):
+    """Large layers build their Gram from float64 row blocks (spectrum.GRAM_BLOCK_BYTES); a tiny
+    block size forces many blocks. Oracle: numpy's SVD of each slice in float64."""
+    from htsr_cli import spectrum
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(11)) * 0.3
+    mats = spectrum.slices(w).numpy().astype(np.float64)
+    scale = 0.5 if w.ndim > 2 else 1.0
+    expected = np.sort((np.linalg.svd(mats, compute_uv=False) ** 2).reshape(-1) * scale)
+    for block in (8 * 7 * min(shape[:2]), 1 << 30):  # 7 rows per block; one block
+        monkeypatch.setattr(spectrum, "GRAM_BLOCK_BYTES", block)
+        got = eigenvalues(w).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected[-1])

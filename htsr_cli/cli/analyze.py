@@ -58,10 +58,17 @@ def analyze_command(
         False, "--trust-pickle",
         help="Allow torch files that need arbitrary code to unpickle. Only for files you "
              "trust."),
+    jobs: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--jobs", "-j", min=1,
+        help="Layers analysed at once. Default: up to 4 on the CPU (the cores are split "
+             "between them), 1 on CUDA. Results do not depend on it."),
     progress: Optional[bool] = typer.Option(  # noqa: UP045
         None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."),
 ) -> None:
     """Compute the ten HT-SR metrics of every layer of a checkpoint."""
+    from .. import digest
+
+    digest.prefetch(checkpoint)  # the file's sha256 runs beside the torch import that follows
     from rich.console import Console
 
     from ..data import default_checkpoint
@@ -72,7 +79,7 @@ def analyze_command(
         checkpoint if checkpoint is not None else str(default_checkpoint()),
         fmt=fmt, output=output, progress=progress, stderr=err,
         fit=fit, metrics=metrics, device=device, layers=layers, exclude=exclude,
-        min_evals=min_evals, seed=seed, fail_if=fail_if, trust_pickle=trust_pickle,
+        min_evals=min_evals, seed=seed, fail_if=fail_if, trust_pickle=trust_pickle, jobs=jobs,
     )
     print_gates(result.gates, err)
     if result.failed_gates:

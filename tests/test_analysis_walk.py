@@ -1,0 +1,89 @@
+"""The layer walk of ``analyze``: layers computed concurrently come back in checkpoint order,
+with the same numbers as one at a time, and a failure stops the walk with its own error."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from htsr_cli.analysis import analyze, parallelism
+from htsr_cli.checkpoint import save_safetensors
+from htsr_cli.errors import InputError
+
+
+def _state_dict() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(7):  # sizes differ so that concurrent layers finish out of order
+        rows, cols = (300 - 35 * i, 40 + 9 * i)
+        sd[f"blocks.{i}.fc.weight"] = torch.randn(rows, cols, generator=gen) / (1 + i)
+        if i == 2:
+            sd["blocks.2.tiny.weight"] = torch.randn(3, 4, generator=gen)  # 3 < min_evals
+        if i == 4:
+            sd["blocks.4.conv.weight"] = torch.randn(16, 8, 3, 3, generator=gen)
+            sd["blocks.4.quant.weight"] = torch.ones(20, 20, dtype=torch.int8)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("walk") / "m.safetensors"
+    save_safetensors(_state_dict(), path)
+    return path
+
+
+def _run(path: Path, jobs: int) -> tuple[object, list[str], list[tuple[int, int, str]]]:
+    streamed: list[str] = []
+    progress: list[tuple[int, int, str]] = []
+    result = analyze(path, jobs=jobs, keep_spectra=True, device="cpu",
+                     on_layer=lambda r: streamed.append(r["name"]),
+                     on_progress=lambda d, t, n: progress.append((d, t, n)))
+    return result, streamed, progress
+
+
+def test_concurrent_layers_match_one_at_a_time(ckpt: Path) -> None:
+    one, one_stream, _ = _run(ckpt, jobs=1)
+    many, many_stream, progress = _run(ckpt, jobs=4)
+    order = [k[:-len(".weight")] for k in _state_dict()]
+    assert one_stream == many_stream == order  # checkpoint (model) order, skipped ones too
+    assert [s["name"] for s in many.skipped] == ["blocks.2.tiny", "blocks.4.quant"]
+    assert many.skipped == one.skipped
+    assert [d for d, _, _ in progress] == list(range(1, len(order) + 1))
+    assert {t for _, t, _ in progress} == {len(order)}
+    assert [n for _, _, n in progress] == order
+    assert list(many.spectra) == list(one.spectra) == [r["name"] for r in one.layers]
+    for a, b in zip(one.layers, many.layers, strict=True):
+        assert a.keys() == b.keys()
+        for key, va in a.items():
+            if isinstance(va, float) and not math.isnan(va):
+                assert va == pytest.approx(b[key], rel=1e-10, abs=1e-13), (a["name"], key)
+            elif not isinstance(va, float):
+                assert va == b[key], (a["name"], key)
+        np.testing.assert_allclose(many.spectra[a["name"]], one.spectra[a["name"]],
+                                   rtol=1e-10, atol=1e-13 * float(one.spectra[a["name"]][-1]))
+
+
+def test_a_layer_with_nan_weights_is_skipped_with_its_reason() -> None:
+    sd = _state_dict()
+    sd["blocks.5.fc.weight"][3, 7] = math.nan
+    sd["blocks.6.fc.weight"][0, 0] = math.inf
+    sd["blocks.4.conv.weight"][1, 2, 0, 1] = -math.inf
+    result = analyze(sd, jobs=3, device="cpu")
+    skipped = {s["name"]: s["reason"] for s in result.skipped}
+    for name in ("blocks.5.fc", "blocks.6.fc", "blocks.4.conv"):
+        assert skipped[name] == "weight has NaN or infinite entries"
+    assert len(result.layers) == 5 and all(math.isfinite(r["alpha"]) for r in result.layers)
+
+
+def test_parallelism_splits_the_cores() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    workers, threads = parallelism(cpu)
+    assert 1 <= workers <= 4 and threads >= 1
+    assert parallelism(cpu, 1)[0] == 1
+    assert parallelism(cuda) == (1, parallelism(cpu, 1)[1])
+    with pytest.raises(InputError, match="--jobs"):
+        parallelism(cpu, 0)
