@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import threading
@@ -32,7 +31,7 @@ import torch
 
 from .errors import InputError
 from .output import jsonable, open_output, write_json
-from .plans import check_schema, read_json
+from .plans import check_schema, read_json, require
 
 ARGS_SCHEMA = "htsr.run-args/1"
 RUN_SCHEMA = "htsr.run/1"
@@ -139,14 +138,38 @@ class RunDir:
         except (KeyError, ValueError, TypeError):
             return None
 
-    def read_history(self, upto: int | None = None) -> list[dict[str, Any]]:
-        """The epoch records, cut to epochs ``<= upto`` (a record written after the last saved
-        state is not part of the run)."""
+    def read_history(self, upto: int | None = None,
+                     required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """The epoch records in file order (the one reader of ``history.jsonl``), cut to epochs
+        ``<= upto`` (a record written after the last saved state is not part of the run).
+
+        Raises:
+            InputError: a line is not a JSON object with an integer ``epoch`` and the
+                ``required`` fields (the message names the line).
+        """
         path = self.file(HISTORY)
         if not path.is_file():
             return []
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [r for r in records if upto is None or r.get("epoch", math.inf) <= upto]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from None
+        records = []
+        for no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path} line {no} is not valid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path} line {no} is not a JSON object")
+            require(row, ("epoch", *required), f"{path} line {no}")
+            if not isinstance(row["epoch"], int) or isinstance(row["epoch"], bool):
+                raise InputError(f"{path} line {no}: epoch must be an integer, got "
+                                 f"{row['epoch']!r}")
+            records.append(row)
+        return [r for r in records if upto is None or r["epoch"] <= upto]
 
     def save_epoch(self, history: list[dict[str, Any]], tensors: Mapping[str, torch.Tensor],
                    metadata: Mapping[str, str], state: Mapping[str, Any]) -> None:

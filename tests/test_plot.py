@@ -348,6 +348,14 @@ def test_run_dir_bad_inputs(tmp_path):
         fh.write('{"epoch": 5, "train_loss": 1}\n')
     with pytest.raises(InputError, match="line 6 lacks field"):
         plot_history([tmp_path / "r"], tmp_path / "x.png")
+    text = (tmp_path / "r" / "history.jsonl").read_text().splitlines()
+    for bad, needle in (("{not json", "line 6 is not valid JSON"),
+                        ("[1, 2]", "line 6 is not a JSON object"),
+                        ('{"epoch": "5", "train_loss": 1, "train_acc": 1, "test_loss": 1, '
+                         '"test_acc": 1}', "line 6: epoch must be an integer")):
+        (tmp_path / "r" / "history.jsonl").write_text("\n".join([*text[:5], bad]) + "\n")
+        with pytest.raises(InputError, match=needle):
+            plot_history([tmp_path / "r"], tmp_path / "x.png")
     assert not list(tmp_path.glob("x.*"))
 
 

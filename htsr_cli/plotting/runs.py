@@ -8,7 +8,6 @@ in progress too (``final.json`` optional); ``tradeoff`` needs finished runs.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..plans import check_schema, finite, read_json, require
+from ..run_dir import FINAL, HISTORY, RUN_SCHEMA, RunDir
 from .common import (
     DEFAULT_DPI,
     DEPTH_CMAP,
@@ -37,7 +37,6 @@ from .common import (
     shorten,
 )
 
-RUN_SCHEMA = "htsr.run/1"
 _EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
@@ -71,7 +70,7 @@ def _run_dir(path: str | os.PathLike) -> Path:
 
 def read_final(run_dir: str | os.PathLike, *, required: bool = True) -> dict[str, Any] | None:
     """``final.json`` of a run (``htsr.run/1``); None when absent and not ``required``."""
-    p = _run_dir(run_dir) / "final.json"
+    p = _run_dir(run_dir) / FINAL
     if not p.exists():
         if required:
             raise InputError(f"{p.parent}: no final.json (not a finished htsr finetune run?)")
@@ -97,29 +96,12 @@ def read_history(run_dir: str | os.PathLike, label: str | None = None) -> RunHis
     An epoch logged twice (a resumed run) keeps its last line.
     """
     d = _run_dir(run_dir)
-    p = d / "history.jsonl"
-    if not p.exists():
-        raise InputError(f"{d}: no history.jsonl (not an htsr finetune run directory?)")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {p}: {exc}") from None
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{p} line {no} is not valid JSON: {exc.msg}") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{p} line {no} is not a JSON object")
-        require(row, _EPOCH_FIELDS, f"{p} line {no}")
-        if not isinstance(row["epoch"], int) or isinstance(row["epoch"], bool):
-            raise InputError(f"{p} line {no}: epoch must be an integer, got {row['epoch']!r}")
-        by_epoch[row["epoch"]] = row
+    run = RunDir(d)
+    if not run.file(HISTORY).exists():
+        raise InputError(f"{d}: no {HISTORY} (not an htsr finetune run directory?)")
+    by_epoch = {row["epoch"]: row for row in run.read_history(required=_EPOCH_FIELDS)}
     if not by_epoch:
-        raise InputError(f"{p} holds no epoch yet")
+        raise InputError(f"{run.file(HISTORY)} holds no epoch yet")
     rows = [by_epoch[e] for e in sorted(by_epoch)]
     final = read_final(d, required=False)
     metric_names = [str(r["metric_name"]) for r in rows if r.get("metric_name")]
@@ -352,7 +334,7 @@ def plot_tradeoff(
     finals = []
     for d in run_dirs:
         doc = read_final(d) or {}
-        require(doc, ("method", "params", "params_total", "test_acc"), str(Path(d) / "final.json"))
+        require(doc, ("method", "params", "params_total", "test_acc"), str(Path(d) / FINAL))
         acc_key = "best_test_acc" if best and "best_test_acc" in doc else "test_acc"
         params, total, acc = (finite(doc[k]) for k in ("params", "params_total", acc_key))
         if not (params > 0 and total > 0 and 0 <= acc <= 1):
