@@ -87,3 +87,17 @@ def test_parallelism_splits_the_cores() -> None:
     assert parallelism(cuda) == (1, parallelism(cpu, 1)[1])
     with pytest.raises(InputError, match="--jobs"):
         parallelism(cpu, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_walk_on_cuda_matches_the_cpu(ckpt: Path) -> None:
+    cpu = analyze(ckpt, device="cpu")
+    gpu = analyze(ckpt, device="cuda")
+    assert gpu.options["device"].startswith("cuda")
+    assert [r["name"] for r in gpu.layers] == [r["name"] for r in cpu.layers]
+    assert gpu.skipped == cpu.skipped
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        for key in ("alpha", "rand_distance", "stable_rank", "entropy", "norm", "spectral_norm",
+                    "log_alpha_norm", "xmin", "D"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["name"], key)
+        assert b["matrix_rank"] == a["matrix_rank"]
