@@ -6,7 +6,10 @@ from typing import Optional
 
 import typer
 
+from . import options
 from .app import app
+
+_ON_THE_FLY = "Checkpoint SOURCE only: "
 
 _EPILOG = (
     "Examples:\n\n"
@@ -32,10 +35,7 @@ def allocate_command(
         "tb-linear", "--scheme",
         help="tb-linear | rank | proportional | power:P (e.g. power:2, power:1/2) | log2 | "
              "softmax | negpow2 | sample-normal | sample-rank | sample-emg."),
-    metric: str = typer.Option(
-        "alpha", "--metric",
-        help="alpha, rand_distance, stable_rank, entropy, norm, log_norm, spectral_norm, "
-             "log_spectral_norm, alpha_weighted or log_alpha_norm."),
+    metric: str = options.metric(),
     s1: float = typer.Option(0.5, "--s1", help="Smallest multiplier (tb-linear, rank)."),
     s2: float = typer.Option(1.5, "--s2", help="Largest multiplier (tb-linear, rank)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample-* schemes."),
@@ -58,19 +58,13 @@ def allocate_command(
         None, "--format", "-f",
         help="table | json | csv. Default: from the -o extension, else a table on a terminal "
              "and json in a pipe."),
-    output: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--output", "-o", help="Write here (atomically) instead of stdout."),
-    fit: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--fit", help="Checkpoint SOURCE only: the fit mode of analyze (default ww)."),
-    device: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--device", help="Checkpoint SOURCE only: auto | cpu | cuda | cuda:N."),
-    layers: list[str] = typer.Option(
-        [], "--layers", help="Checkpoint SOURCE only: layers matching this glob (repeatable)."),
-    exclude: list[str] = typer.Option(
-        [], "--exclude", help="Checkpoint SOURCE only: leave out matching layers (repeatable)."),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle",
-        help="Checkpoint SOURCE only: allow torch files that need code to unpickle."),
+    output: Optional[str] = options.output(),  # noqa: UP045
+    fit: Optional[str] = options.fit(None, _ON_THE_FLY, "Default ww."),  # noqa: UP045
+    device: Optional[str] = options.device(None, _ON_THE_FLY),  # noqa: UP045
+    layers: list[str] = options.layers(_ON_THE_FLY),
+    exclude: list[str] = options.exclude(
+        _ON_THE_FLY + "leave out layers whose name matches this glob (repeatable)."),
+    trust_pickle: bool = options.trust_pickle(_ON_THE_FLY),
 ) -> None:
     """Per-layer learning rates (and weight decay) from an HT-SR metric."""
     from ..allocation_report import run_allocate

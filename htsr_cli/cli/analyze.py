@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import EXIT_GATE_FAILED
+from . import options
 from .app import app
 
 _EPILOG = (
@@ -30,23 +31,16 @@ def analyze_command(
         None, "--format", "-f",
         help="table | json | csv | ndjson. Default: from the -o extension, else a table on a "
              "terminal and json in a pipe. ndjson streams one layer per line."),
-    output: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--output", "-o", help="Write here (atomically) instead of stdout."),
-    fit: str = typer.Option(
-        "ww", "--fit",
-        help="Power-law fit: ww (WeightWatcher: xmin = argmin KS distance), median "
-             "(TempBalance: xmin = median eigenvalue), peak (xmin near the ESD peak), "
-             "clip-xmax (refit without finger eigenvalues)."),
+    output: Optional[str] = options.output(),  # noqa: UP045
+    fit: str = options.fit(),
     metrics: Optional[str] = typer.Option(  # noqa: UP045
         None, "--metrics", "-m",
         help="Comma-separated subset of alpha, rand_distance, stable_rank, entropy, norm, "
              "log_norm, spectral_norm, log_spectral_norm, alpha_weighted, log_alpha_norm. "
              "Default: all ten. Leaving out rand_distance halves the work."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    layers: list[str] = typer.Option(
-        [], "--layers", help="Only layers whose name matches this glob (repeatable)."),
-    exclude: list[str] = typer.Option(
-        [], "--exclude", help="Leave out layers whose name matches this glob (repeatable)."),
+    device: str = options.device(),
+    layers: list[str] = options.layers(),
+    exclude: list[str] = options.exclude(),
     min_evals: int = typer.Option(
         8, "--min-evals", help="Skip (and list) layers with fewer pooled eigenvalues."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffles behind rand_distance."),
@@ -54,10 +48,7 @@ def analyze_command(
         [], "--fail-if",
         help="CI gate (repeatable): 'alpha > 6', 'mean(alpha) > 4.5', 'count(alpha < 2) > 3', "
              "\"alpha > 6 on 'encoder.*'\". Exit 1 when any holds. See docs/gates.md."),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle",
-        help="Allow torch files that need arbitrary code to unpickle. Only for files you "
-             "trust."),
+    trust_pickle: bool = options.trust_pickle(),
     jobs: Optional[int] = typer.Option(  # noqa: UP045
         None, "--jobs", "-j", min=1,
         help="Layers analysed at once. Default: up to 4 on the CPU (the cores are split "

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from . import options
 from .app import app
 
 plot_app = typer.Typer(
@@ -52,13 +53,12 @@ def esd_command(
     layer: list[str] = typer.Option(
         [], "--layer", "--layers",
         help="Layers whose name matches this glob (repeatable; each must match)."),
-    fit: str = typer.Option("ww", "--fit", help="Power-law fit: ww, median, peak, clip-xmax."),
+    fit: str = options.fit(),
     linear: bool = typer.Option(False, "--linear", help="Linear axes and bins, not log-log."),
     max_layers: int = typer.Option(16, "--max-layers",
                                    help="At most this many panels (the first layers)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow torch files that need code to unpickle."),
+    device: str = options.device(),
+    trust_pickle: bool = options.trust_pickle(),
     dpi: int = _DPI,
 ) -> None:
     """ESD of layers on log-log axes with the fitted power law, xmin, alpha and D."""

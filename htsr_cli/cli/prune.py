@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from . import options
 from .app import app
 
 _EPILOG = (
@@ -38,10 +39,7 @@ def prune_command(
         None, "--keep-params", help="Instead of --sparsity: prunable parameters to keep."),
     method: Optional[str] = typer.Option(  # noqa: UP045
         None, "--method", help="metric (default) | uniform | erk | lamp."),
-    metric: str = typer.Option(
-        "alpha", "--metric",
-        help="metric method: alpha, rand_distance, stable_rank, entropy, norm, log_norm, "
-             "spectral_norm, log_spectral_norm, alpha_weighted or log_alpha_norm."),
+    metric: str = options.metric("metric method: "),
     more_where: str = typer.Option(
         "larger", "--more-where",
         help="larger: prune layers with a larger metric more (AlphaPruning for alpha; the "
@@ -91,13 +89,9 @@ def prune_command(
     output: Optional[str] = typer.Option(  # noqa: UP045
         None, "--output", "-o", help="Write the pruned checkpoint here (.safetensors, "
                                      "atomically)."),
-    fit: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--fit", help="The fit mode of the on-the-fly analysis (default ww)."),
-    device: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--device", help="Device of the on-the-fly analysis: auto | cpu | cuda | cuda:N."),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle",
-        help="Allow torch files that need code to unpickle. Only for files you trust."),
+    fit: Optional[str] = options.fit(None, "On-the-fly analysis: ", "Default ww."),  # noqa: UP045
+    device: Optional[str] = options.device(None, "On-the-fly analysis: "),  # noqa: UP045
+    trust_pickle: bool = options.trust_pickle(),
     progress: Optional[bool] = typer.Option(  # noqa: UP045
         None, "--progress/--no-progress", help="Progress on stderr (default: on a terminal)."),
 ) -> None:

@@ -1,0 +1,47 @@
+"""Options that several commands share, defined once so that their names, defaults and help
+read the same everywhere. Each function returns a fresh typer option description; ``when``
+prefixes the help where an option applies only in some cases ("Checkpoint SOURCE only: ")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from ..columns import METRICS
+
+FIT_HELP = ("Power-law fit: ww (WeightWatcher: xmin = argmin KS distance), median (TempBalance: "
+            "xmin = median eigenvalue), peak (xmin near the ESD peak), clip-xmax (refit without "
+            "finger eigenvalues).")
+METRIC_NAMES = ", ".join(METRICS[:-1]) + " or " + METRICS[-1]
+
+
+def fit(default: str | None = "ww", when: str = "", note: str = "") -> Any:
+    return typer.Option(default, "--fit", help=when + FIT_HELP + (" " + note if note else ""))
+
+
+def device(default: str | None = "auto", when: str = "") -> Any:
+    return typer.Option(default, "--device", help=when + "auto | cpu | cuda | cuda:N.")
+
+
+def trust_pickle(when: str = "") -> Any:
+    return typer.Option(False, "--trust-pickle",
+                        help=when + "Allow torch files that need arbitrary code to unpickle. "
+                        "Only for files you trust.")
+
+
+def metric(when: str = "") -> Any:
+    return typer.Option("alpha", "--metric", help=when + METRIC_NAMES + ".")
+
+
+def layers(when: str = "") -> Any:
+    return typer.Option([], "--layers", help=when + "Only layers whose name matches this glob "
+                        "(repeatable).")
+
+
+def exclude(help: str = "Leave out layers whose name matches this glob (repeatable).") -> Any:
+    return typer.Option([], "--exclude", help=help)
+
+
+def output(help: str = "Write here (atomically) instead of stdout.") -> Any:
+    return typer.Option(None, "--output", "-o", help=help)
