@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from . import spectrum
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
@@ -315,21 +315,28 @@ def analyze(
             ckpt.close()
 
 
-def parallelism(device: torch.device, jobs: int | None = None) -> tuple[int, int]:
-    """``(layers analysed at once, BLAS threads each)`` for a device and a ``--jobs`` value.
+def parallelism(device: torch.device, jobs: int | None = None) -> tuple[int, int | None]:
+    """``(layers analysed at once, BLAS threads each)`` for a device and a ``--jobs`` value;
+    BLAS threads None means "leave the BLAS thread pool as it is".
 
     On the CPU, LAPACK's ``eigvalsh`` of a 1024x1024 Gram gains only ~1.3x from a second thread
     while two single-threaded solves side by side gain ~2x, so layers run concurrently, up to
-    4 at once, and the cores are split between them. On CUDA one layer at a time: the kernels
-    share one device; the worker thread still overlaps reading the next tensor.
+    4 at once, and the threads are split between them. The thread budget is the CPUs this
+    process may run on, capped by the BLAS pool's current size, so ``OMP_NUM_THREADS=1`` (or
+    ``OPENBLAS_NUM_THREADS``, ...) still means one thread. On CUDA one layer at a time: the
+    kernels share one device; the worker thread still overlaps reading the next tensor.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs must be a positive integer, got {jobs}")
-    if jobs is None:
-        jobs = min(cores, 4) if device.type == "cpu" else 1
-    return jobs, max(1, cores // jobs)
+    if device.type != "cpu":
+        return jobs or 1, None
+    budget = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    pools = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    if pools:
+        budget = max(1, min(budget, max(pools)))
+    jobs = jobs or min(budget, 4)
+    return jobs, max(1, budget // jobs)
 
 
 def _walk(ckpt: Checkpoint, chosen: Sequence[TensorRef], min_evals: int,

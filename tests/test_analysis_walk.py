@@ -79,12 +79,18 @@ def test_a_layer_with_nan_weights_is_skipped_with_its_reason() -> None:
     assert len(result.layers) == 5 and all(math.isfinite(r["alpha"]) for r in result.layers)
 
 
-def test_parallelism_splits_the_cores() -> None:
+def test_parallelism_splits_the_threads() -> None:
+    from threadpoolctl import threadpool_limits
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     workers, threads = parallelism(cpu)
-    assert 1 <= workers <= 4 and threads >= 1
+    assert 1 <= workers <= 4 and threads is not None and threads >= 1
     assert parallelism(cpu, 1)[0] == 1
-    assert parallelism(cuda) == (1, parallelism(cpu, 1)[1])
+    assert parallelism(cuda) == (1, None)  # CUDA leaves the BLAS pool alone
+    assert parallelism(cuda, 2) == (2, None)
+    with threadpool_limits(limits=1, user_api="blas"):  # what OMP_NUM_THREADS=1 gives
+        assert parallelism(cpu) == (1, 1)
+        assert parallelism(cpu, 3) == (3, 1)
     with pytest.raises(InputError, match="--jobs"):
         parallelism(cpu, 0)
 
