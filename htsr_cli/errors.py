@@ -1,14 +1,17 @@
 """Errors that the CLI turns into one line on stderr and a documented exit code.
 
-Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error, 141 the reader
-of stdout closed the pipe (as for any Unix filter).
+Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error, 130 interrupted
+(Ctrl-C), 141 the reader of stdout closed the pipe (as for any Unix filter).
 """
 
 from __future__ import annotations
 
+import sys
+
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, as a shell reports it
 
 
 class HtsrError(Exception):
@@ -27,3 +30,16 @@ class PipeClosed(HtsrError):
     """The reader of stdout went away (``| head``): stop quietly, like any Unix filter."""
 
     exit_code = 141  # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe
+
+
+_interrupt_reported = False
+
+
+def report_interrupt(detail: str = "") -> None:
+    """Write the one ``htsr: interrupted`` line of a Ctrl-C (once per process): the code that
+    knows what was kept adds it as ``detail``; the CLI's entry point writes the bare line when
+    nobody did."""
+    global _interrupt_reported
+    if not _interrupt_reported:
+        _interrupt_reported = True
+        sys.stderr.write("htsr: interrupted" + (f"; {detail}" if detail else "") + "\n")

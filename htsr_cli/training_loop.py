@@ -25,6 +25,7 @@ from torch import nn
 
 from .data import augment, channel_stats, crop_flip, crop_padding, fit_to_input, to_unit
 from .distributed import all_sum, broadcast, replicas_equal
+from .errors import report_interrupt
 from .run_dir import PRUNE_META, RUN_META, RUN_SCHEMA
 from .training import _optimizer, _Setup, scheduled_lr
 
@@ -366,9 +367,9 @@ def train(setup: _Setup, *, world: int, rank: int, stop_after: int | None,
     except KeyboardInterrupt:
         bar.close()
         if rank == 0:
-            sys.stderr.write(f"htsr: interrupted; {len(totals.history)} finished epoch(s) saved "
-                             f"in {setup.run.path}; continue with: htsr finetune --resume "
-                             f"{setup.run.path}\n")
+            report_interrupt(f"{len(totals.history)} finished epoch(s) saved in "
+                             f"{setup.run.path}; continue with: htsr finetune --resume "
+                             f"{setup.run.path}")
         raise
     finally:
         undo()

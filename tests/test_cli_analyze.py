@@ -22,9 +22,11 @@ import os
 import pty
 import re
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -476,6 +478,38 @@ def test_json_through_a_shell_pipe(files: Files, tmp_path: Path) -> None:
     # stdout carried exactly one JSON document and nothing else.
     doc = strict_json((tmp_path / "out.json").read_text())
     assert set(layer_names(doc)) == MODEL_LAYERS
+
+
+def test_ctrl_c_stops_at_once_with_exit_130_and_one_line(tmp_path: Path) -> None:
+    """SIGINT while layers are being computed (two at once): exit 130, the one line
+    'htsr: interrupted' on stderr, only whole NDJSON lines on stdout, no -o file left behind."""
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "many.safetensors"
+    save_file({f"l{i}.weight": torch.randn(700, 600, generator=gen) for i in range(40)},
+              str(path))
+    for target in (None, tmp_path / "report.json"):
+        out_args = ["-o", str(target)] if target else []
+        cmd = [sys.executable, "-m", "htsr_cli", "analyze", str(path), "--format", "ndjson",
+               "--jobs", "2", "--no-progress", *out_args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env())
+        assert proc.stdout is not None
+        if target is None:
+            first = proc.stdout.readline()  # a layer is done: the walk is under way
+            assert json.loads(first)["record"] == "layer"
+        else:  # -o streams NDJSON into a temporary file beside the target: wait for a line
+            deadline = time.monotonic() + TIMEOUT
+            while not any(p.name != path.name and p.stat().st_size > 0
+                          for p in tmp_path.iterdir()):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 130, (proc.returncode, err)
+        assert err == "htsr: interrupted\n", err
+        assert all(json.loads(line)["record"] == "layer" for line in out.splitlines())
+        if target is not None:
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["many.safetensors"]
 
 
 def test_reader_that_goes_away_is_not_a_gate_failure(files: Files) -> None:

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from .. import __version__
-from ..errors import EXIT_USAGE, HtsrError, PipeClosed
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, HtsrError, PipeClosed, report_interrupt
 
 app = typer.Typer(
     name="htsr",
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        sys.stderr.write("htsr: interrupted\n")
-        code = 130
+        code = EXIT_INTERRUPTED
     except typer.TyperException as exc:
         # typer's (vendored) click usage errors: one line, exit 2, or help when no arguments.
         ctx = getattr(exc, "ctx", None)
@@ -79,4 +78,6 @@ def main(argv: list[str] | None = None) -> None:
             cmd = ctx.command_path if ctx is not None else _command_path(argv)
             error(f"{exc.format_message()} (see '{cmd} --help')")
             code = getattr(exc, "exit_code", EXIT_USAGE)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
+        report_interrupt()
     sys.exit(code if isinstance(code, int) else 0)
