@@ -7,10 +7,12 @@ follows the largest tensor, not the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
 import re
+import threading
 import time
 import zlib
 from collections import deque
@@ -37,6 +39,8 @@ DEFAULT_SEED = 0
 SMALL_SAMPLE = 50
 #: alpha outside [2, 6]: WeightWatcher's over-/under-trained warnings.
 ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0
+#: Held while an analysis has changed the process-wide torch/BLAS thread settings.
+_THREAD_SETTINGS = threading.RLock()
 
 _FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
                  "float8_e4m3fnuz", "float8_e5m2fnuz"}
@@ -241,8 +245,9 @@ def analyze(
         keep_spectra: keep every layer's eigenvalues in ``Analysis.spectra`` (for plots).
         jobs: layers analysed at once (default: up to 4 on the CPU, 1 on CUDA; see
             :func:`parallelism`). Results do not depend on it beyond float rounding.
-        on_layer: called with each layer row (or skipped record) as soon as it is done.
-        on_progress: called as ``(done, total, layer_name)``.
+        on_layer: called with each layer row (or skipped record) in checkpoint order, as soon
+            as it and every layer before it are done.
+        on_progress: called as ``(done, total, layer_name)`` after each layer.
 
     Raises:
         InputError: unreadable source, bad option, or no weight matrix to analyse.
@@ -263,6 +268,9 @@ def analyze(
     t0 = time.perf_counter()
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(
         source, trust_pickle=trust_pickle)
+    # torch's and the BLAS pools' thread counts are process-wide: analyses in several threads
+    # take turns, so that each one restores what it found.
+    _THREAD_SETTINGS.acquire()
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         # The CPU eigen-work runs in numpy's BLAS (spectrum.eigenvalues); torch's own thread
@@ -293,8 +301,10 @@ def analyze(
                 return {"name": name, "reason": str(exc)}, None
             return row, spectra
 
-        with threadpool_limits(limits=blas_threads, user_api="blas"):
-            walk = _walk(ckpt, chosen, min_evals, compute, workers)
+        # closing(): a callback that raises must also stop the workers before the thread
+        # settings are restored and the checkpoint closed.
+        with threadpool_limits(limits=blas_threads, user_api="blas"), \
+                contextlib.closing(_walk(ckpt, chosen, min_evals, compute, workers)) as walk:
             for done, (record, spectra) in enumerate(walk, start=1):
                 if spectra is None:
                     result.skipped.append(record)
@@ -311,6 +321,7 @@ def analyze(
         return result
     finally:
         torch.set_num_threads(threads)
+        _THREAD_SETTINGS.release()
         if ckpt is not source:
             ckpt.close()
 

@@ -25,9 +25,21 @@ _todo: queue.SimpleQueue[tuple[str, Future[dict[str, Any]]]] = queue.SimpleQueue
 _worker: threading.Thread | None = None
 
 
+def _reset() -> None:
+    """A forked child has none of the parent's threads: start from scratch there (a child
+    waiting on the parent's queue would hang)."""
+    global _lock, _jobs, _todo, _worker
+    _lock, _jobs, _todo, _worker = threading.Lock(), {}, queue.SimpleQueue(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset)
+
+
 def _identity(path: str) -> tuple[Any, ...]:
     st = os.stat(path)
-    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns)
 
 
 def _hash(path: str) -> dict[str, Any]:
@@ -42,10 +54,10 @@ def _hash(path: str) -> dict[str, Any]:
     return {"path": path, "bytes": size, "sha256": digest.hexdigest()}
 
 
-def _work() -> None:
+def _work(todo: queue.SimpleQueue[tuple[str, Future[dict[str, Any]]]]) -> None:
     # Files are hashed one after another: parallel hashes would only compete for the disk.
     while True:
-        path, fut = _todo.get()
+        path, fut = todo.get()
         if fut.set_running_or_notify_cancel():
             try:
                 fut.set_result(_hash(path))
@@ -69,9 +81,10 @@ def start(path: str) -> Future[dict[str, Any]]:
         if fut is None or (fut.done() and fut.exception() is not None):
             fut = _jobs[key] = Future()
             _todo.put((path, fut))
-            if _worker is None:
+            if _worker is None or not _worker.is_alive():
                 # A daemon thread: Ctrl-C or an error never waits for a big file's hash.
-                _worker = threading.Thread(target=_work, name="htsr-sha256", daemon=True)
+                _worker = threading.Thread(target=_work, args=(_todo,), name="htsr-sha256",
+                                           daemon=True)
                 _worker.start()
     return fut
 

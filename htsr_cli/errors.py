@@ -35,11 +35,13 @@ class PipeClosed(HtsrError):
 _interrupt_reported = False
 
 
-def report_interrupt(detail: str = "") -> None:
+def report_interrupt(detail: str = "", *, silent: bool = False) -> None:
     """Write the one ``htsr: interrupted`` line of a Ctrl-C (once per process): the code that
     knows what was kept adds it as ``detail``; the CLI's entry point writes the bare line when
-    nobody did."""
+    nobody did. ``silent`` marks it written without writing (DDP ranks other than 0, so that a
+    torchrun job prints one line, not one per rank)."""
     global _interrupt_reported
     if not _interrupt_reported:
         _interrupt_reported = True
-        sys.stderr.write("htsr: interrupted" + (f"; {detail}" if detail else "") + "\n")
+        if not silent:
+            sys.stderr.write("htsr: interrupted" + (f"; {detail}" if detail else "") + "\n")

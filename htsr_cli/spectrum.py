@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg.blas import dsyrk
 
 #: Eigenvalues at or below this enter no power-law fit (WeightWatcher ``EVALS_THRESH``).
 EVALS_THRESH = 1e-5
@@ -88,7 +89,12 @@ GRAM_BLOCK_BYTES = 32 << 20
 
 
 def _gram_cpu(mats: np.ndarray) -> np.ndarray:
-    """Float64 Gram matrices on the smaller side of each ``(a, b)`` matrix of ``(rf, a, b)``."""
+    """Float64 Gram matrices on the smaller side of each ``(a, b)`` matrix of ``(rf, a, b)``.
+
+    Only the upper triangle is guaranteed (read it with ``eigvalsh(..., UPLO="U")``): a large
+    layer's Gram is accumulated in place by BLAS ``dsyrk`` over float64 row blocks, which fills
+    one triangle and needs no second Gram-sized buffer.
+    """
     if mats.shape[1] < mats.shape[2]:
         mats = np.swapaxes(mats, 1, 2)  # contract over the longer side: (rf, long, short)
     rf, long, short = mats.shape
@@ -96,13 +102,14 @@ def _gram_cpu(mats: np.ndarray) -> np.ndarray:
         m = mats.astype(np.float64)
         return np.swapaxes(m, 1, 2) @ m  # one batched call for small layers (conv kernels)
     out = np.zeros((rf, short, short))
-    tmp = np.empty((short, short))
     rows = max(1, GRAM_BLOCK_BYTES // (8 * short))
     for s in range(rf):
+        upper = out[s].T  # Fortran-ordered view: its lower triangle is out[s]'s upper one
         for r in range(0, long, rows):
-            block = mats[s, r:r + rows].astype(np.float64)  # contiguous: numpy uses syrk
-            np.matmul(block.T, block, out=tmp)
-            out[s] += tmp
+            block = mats[s, r:r + rows].astype(np.float64)  # (k, short), C-ordered
+            done = dsyrk(1.0, block.T, beta=1.0, c=upper, trans=0, lower=1, overwrite_c=1)
+            if not np.shares_memory(done, upper):  # the wrapper copied after all: keep it
+                upper[...] = done
     return out
 
 
@@ -129,7 +136,7 @@ def eigenvalues(weight: torch.Tensor, device: torch.device | str = "cpu") -> tor
     if not bool(torch.isfinite(gram).all()):
         raise NonFiniteWeightError("weight has NaN or infinite entries")
     if gram.device.type == "cpu":
-        evals = torch.from_numpy(np.linalg.eigvalsh(gram.numpy())).reshape(-1)
+        evals = torch.from_numpy(np.linalg.eigvalsh(gram.numpy(), UPLO="U")).reshape(-1)
     else:
         evals = torch.linalg.eigvalsh(gram).reshape(-1)
     if weight.ndim > 2:

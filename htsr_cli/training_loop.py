@@ -366,10 +366,9 @@ def train(setup: _Setup, *, world: int, rank: int, stop_after: int | None,
                 on_epoch(record)
     except KeyboardInterrupt:
         bar.close()
-        if rank == 0:
-            report_interrupt(f"{len(totals.history)} finished epoch(s) saved in "
-                             f"{setup.run.path}; continue with: htsr finetune --resume "
-                             f"{setup.run.path}")
+        report_interrupt(f"{len(totals.history)} finished epoch(s) saved in {setup.run.path}; "
+                         f"continue with: htsr finetune --resume {setup.run.path}",
+                         silent=rank != 0)
         raise
     finally:
         undo()

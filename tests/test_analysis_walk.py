@@ -67,7 +67,12 @@ def test_concurrent_layers_match_one_at_a_time(ckpt: Path) -> None:
                                    rtol=1e-10, atol=1e-13 * float(one.spectra[a["name"]][-1]))
 
 
-def test_a_layer_with_nan_weights_is_skipped_with_its_reason() -> None:
+@pytest.mark.parametrize("block_bytes", [None, 4096])  # 4096: the row-block Gram path
+def test_a_layer_with_nan_weights_is_skipped_with_its_reason(monkeypatch, block_bytes) -> None:
+    from htsr_cli import spectrum
+
+    if block_bytes:
+        monkeypatch.setattr(spectrum, "GRAM_BLOCK_BYTES", block_bytes)
     sd = _state_dict()
     sd["blocks.5.fc.weight"][3, 7] = math.nan
     sd["blocks.6.fc.weight"][0, 0] = math.inf
@@ -79,8 +84,30 @@ def test_a_layer_with_nan_weights_is_skipped_with_its_reason() -> None:
     assert len(result.layers) == 5 and all(math.isfinite(r["alpha"]) for r in result.layers)
 
 
+def test_a_callback_that_raises_stops_the_workers_and_restores_the_threads(ckpt: Path) -> None:
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+
+    before = (torch.get_num_threads(), blas_threads())
+
+    def reader_gone(record: dict) -> None:
+        raise BrokenPipeError("the reader went away")
+
+    with pytest.raises(BrokenPipeError) as info:
+        analyze(ckpt, jobs=3, device="cpu", on_layer=reader_gone)
+    # `info` holds the traceback, and so analyze's frames, as a caller handling the error does:
+    # the workers must be gone already, not when the traceback is dropped.
+    assert info.traceback
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("htsr-layer")]
+    assert (torch.get_num_threads(), blas_threads()) == before
+
+
 def test_parallelism_splits_the_threads() -> None:
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     workers, threads = parallelism(cpu)
@@ -88,9 +115,10 @@ def test_parallelism_splits_the_threads() -> None:
     assert parallelism(cpu, 1)[0] == 1
     assert parallelism(cuda) == (1, None)  # CUDA leaves the BLAS pool alone
     assert parallelism(cuda, 2) == (2, None)
-    with threadpool_limits(limits=1, user_api="blas"):  # what OMP_NUM_THREADS=1 gives
-        assert parallelism(cpu) == (1, 1)
-        assert parallelism(cpu, 3) == (3, 1)
+    if any(p.get("user_api") == "blas" for p in threadpool_info()):  # not Accelerate
+        with threadpool_limits(limits=1, user_api="blas"):  # what OMP_NUM_THREADS=1 gives
+            assert parallelism(cpu) == (1, 1)
+            assert parallelism(cpu, 3) == (3, 1)
     with pytest.raises(InputError, match="--jobs"):
         parallelism(cpu, 0)
 

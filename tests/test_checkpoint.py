@@ -501,6 +501,28 @@ def test_a_file_is_hashed_once_and_again_after_it_changes(tmp_path: Path) -> Non
                                         "sha256": sha(path)}
 
 
+def _hash_in_child(path: str) -> str:
+    from htsr_cli import digest
+
+    return digest.record(path)["sha256"]
+
+
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="needs fork")
+def test_hashing_in_a_forked_child_after_the_parent_hashed(tmp_path: Path) -> None:
+    """A forked child has no copy of the parent's hashing thread: it must start its own."""
+    import multiprocessing
+
+    from htsr_cli import digest
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(1000.0)}, str(path))
+    assert digest.record(str(path))["sha256"] == sha(path)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        result = pool.map_async(_hash_in_child, [str(path)] * 2)
+        assert result.get(timeout=60) == [sha(path)] * 2
+
+
 def test_hashing_a_vanished_file_is_input_error(tmp_path: Path) -> None:
     path = tmp_path / "gone.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))

@@ -480,7 +480,7 @@ def test_json_through_a_shell_pipe(files: Files, tmp_path: Path) -> None:
     assert set(layer_names(doc)) == MODEL_LAYERS
 
 
-def test_ctrl_c_stops_at_once_with_exit_130_and_one_line(tmp_path: Path) -> None:
+def test_ctrl_c_gives_exit_130_and_one_line(tmp_path: Path) -> None:
     """SIGINT while layers are being computed (two at once): exit 130, the one line
     'htsr: interrupted' on stderr, only whole NDJSON lines on stdout, no -o file left behind."""
     gen = torch.Generator().manual_seed(0)
@@ -740,12 +740,24 @@ def test_jobs_change_nothing_but_speed(files: Files) -> None:
     one, three = lines["1"], lines["3"]
     assert [r.get("name") for r in one] == [r.get("name") for r in three]
     for a, b in zip(one, three, strict=True):
-        assert a.keys() == b.keys()
-        for key, va in a.items():
-            if isinstance(va, float):
-                assert va == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a.get("name"), key)
-            elif key != "source":
-                assert va == b[key], (a.get("name"), key)
+        a.pop("source", None), b.pop("source", None)
+        _assert_close(a, b, where=str(a.get("name")))
+
+
+def _assert_close(a: Any, b: Any, where: str) -> None:
+    """Equal documents up to float rounding (BLAS thread counts may change the last bits)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), where
+    else:
+        assert a == b, where
 
 
 # --------------------------------------------------------------------------------------------

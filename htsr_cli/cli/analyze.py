@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ..columns import METRICS
 from ..errors import EXIT_GATE_FAILED
 from . import options
 from .app import app
@@ -35,9 +36,8 @@ def analyze_command(
     fit: str = options.fit(),
     metrics: Optional[str] = typer.Option(  # noqa: UP045
         None, "--metrics", "-m",
-        help="Comma-separated subset of alpha, rand_distance, stable_rank, entropy, norm, "
-             "log_norm, spectral_norm, log_spectral_norm, alpha_weighted, log_alpha_norm. "
-             "Default: all ten. Leaving out rand_distance halves the work."),
+        help=f"Comma-separated subset of {', '.join(METRICS)}. Default: all ten. Leaving "
+             "out rand_distance halves the work."),
     device: str = options.device(),
     layers: list[str] = options.layers(),
     exclude: list[str] = options.exclude(),

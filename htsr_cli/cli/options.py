@@ -39,9 +39,9 @@ def layers(when: str = "") -> Any:
                         "(repeatable).")
 
 
-def exclude(help: str = "Leave out layers whose name matches this glob (repeatable).") -> Any:
-    return typer.Option([], "--exclude", help=help)
+def exclude(text: str = "Leave out layers whose name matches this glob (repeatable).") -> Any:
+    return typer.Option([], "--exclude", help=text)
 
 
-def output(help: str = "Write here (atomically) instead of stdout.") -> Any:
-    return typer.Option(None, "--output", "-o", help=help)
+def output(text: str = "Write here (atomically) instead of stdout.") -> Any:
+    return typer.Option(None, "--output", "-o", help=text)
