@@ -396,8 +396,17 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, stop_after: int | 
             torch.cuda.set_device(setup.device)
         dist.init_process_group("nccl" if setup.device.type == "cuda" else "gloo")
     try:
-        return train(setup, world=world, rank=rank, stop_after=stop_after, progress=progress,
-                     on_epoch=on_epoch)
+        doc = train(setup, world=world, rank=rank, stop_after=stop_after, progress=progress,
+                    on_epoch=on_epoch)
+        if world > 1:
+            # Every rank done before any tears gloo down: a rank that exits while a peer is
+            # still in a collective can abort in gloo's threads ("terminate called without an
+            # active exception", seen once in CI-like runs). Not on error paths: a dead peer
+            # would never arrive.
+            import torch.distributed as dist
+
+            dist.barrier()
+        return doc
     finally:
         if world > 1:
             import torch.distributed as dist
