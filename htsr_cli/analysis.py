@@ -1,8 +1,9 @@
 """``analyze``: the layer walk over a checkpoint and the analysis document it produces.
 
 This is the one layer walk of the project: allocate, prune and plot build on its result.
-Tensors are read one at a time and dropped after their eigenvalues are taken, so peak memory
-follows the largest tensor, not the checkpoint.
+Tensors are read one at a time, in order, and computed by ``--jobs`` worker threads; each is
+dropped after its eigenvalues are taken and at most ``jobs + 1`` are held, so peak memory
+follows the largest tensor, not the checkpoint (docs/engine.md, "Scheduling the work").
 """
 
 from __future__ import annotations
