@@ -84,7 +84,7 @@ def _gram(mats: torch.Tensor) -> torch.Tensor:
 
 #: Largest float64 block the CPU Gram product converts at once: a large layer's Gram is summed
 #: over row blocks, so no float64 copy of the whole layer exists (peak memory ~ the float32 tensor
-#: plus this). Blocks this size cost ~5% over one product (benchmarks/README.md).
+#: plus this). Blocks this size measured no slower than one product (docs/engine.md).
 GRAM_BLOCK_BYTES = 32 << 20
 
 
