@@ -12,16 +12,14 @@ analysis document stays fast.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .columns import METRICS
 from .errors import InputError
-from .plans import LRPlan, PlanLayer, finite, read_json, validate_analysis
+from .plans import LRPlan, PlanLayer, finite, is_analysis_document, read_analysis
 
 #: Scheme names as the CLI accepts them (``power:P`` takes an exponent, e.g. ``power:1/2``).
 SCHEMES: tuple[str, ...] = (
@@ -252,20 +250,6 @@ def scheme_multipliers(values: Sequence[float], scheme: str, *, s1: float = 0.5,
 # The source: an analysis document or a checkpoint
 
 
-def _is_document(source: Any) -> bool:
-    if isinstance(source, Mapping):
-        return "schema" in source or "layers" in source
-    if isinstance(source, str | Path):
-        return str(source) == "-" or Path(source).suffix.lower() == ".json"
-    return False
-
-
-def _analysis_instance(source: Any) -> bool:
-    # Only an already imported htsr_cli.analysis can have made an Analysis: no torch import.
-    mod = sys.modules.get("htsr_cli.analysis")
-    return mod is not None and isinstance(source, mod.Analysis)
-
-
 def load_analysis(source: Any, metric: str, analyze_options: Mapping[str, Any]
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The analysis document behind ``source`` and the plan's ``source`` record.
@@ -278,30 +262,20 @@ def load_analysis(source: Any, metric: str, analyze_options: Mapping[str, Any]
         raise TypeError(f"allocate() got unexpected keyword argument(s) {sorted(unknown)}")
     given = {k: v for k, v in analyze_options.items()
              if v is not None and v is not False and not (isinstance(v, list | tuple) and not v)}
-    if _analysis_instance(source) or _is_document(source):
+    if is_analysis_document(source):
         if given:
             names = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
             verb = "applies" if len(given) == 1 else "apply"
             raise InputError(f"{names} {verb} only to a checkpoint source; SOURCE is an "
                              "analysis document")
-        label = None
-        if _analysis_instance(source):
-            doc = source.to_dict()
-        elif isinstance(source, Mapping):
-            doc = dict(source)
-        else:
-            doc, label = read_json(source)
-        doc = validate_analysis(doc, label or "analysis")
+        doc, label = read_analysis(source)
         record = dict(doc["source"]) if isinstance(doc["source"], Mapping) else {}
         if label is not None:
             record["analysis"] = label
         return doc, record
-    from .analysis import analyze  # torch: only for a checkpoint
+    from .analysis import analyze_metric  # torch: only for a checkpoint
 
-    opts = dict(given)
-    if "analysis_seed" in opts:
-        opts["seed"] = opts.pop("analysis_seed")
-    result = analyze(source, metrics=[metric], **opts)
+    result = analyze_metric(source, metric, **given)
     if not result.layers:
         skipped = "; ".join(f"{r['name']}: {r['reason']}" for r in result.skipped[:3])
         raise InputError(f"no layer could be analysed ({skipped})")

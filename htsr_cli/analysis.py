@@ -327,6 +327,17 @@ def analyze(
             ckpt.close()
 
 
+def analyze_metric(source: Any, metric: str, *, analysis_seed: int | None = None,
+                   **options: Any) -> Analysis:
+    """One metric of every layer of a checkpoint: the on-the-fly analysis of ``allocate`` and
+    ``prune``. Options left at None take analyze's defaults; ``analysis_seed`` is analyze's
+    ``seed`` (named apart from those commands' own ``--seed``)."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    if analysis_seed is not None:
+        opts["seed"] = analysis_seed
+    return analyze(source, metrics=[metric], **opts)
+
+
 def parallelism(device: torch.device, jobs: int | None = None) -> tuple[int, int | None]:
     """``(layers analysed at once, BLAS threads each)`` for a device and a ``--jobs`` value;
     BLAS threads None means "leave the BLAS thread pool as it is".

@@ -78,6 +78,29 @@ def validate_analysis(doc: Mapping[str, Any], label: str = "analysis") -> dict[s
     return dict(doc)
 
 
+def is_analysis_document(source: Any) -> bool:
+    """Whether ``source`` is an analysis (``-``, a ``.json`` path, a parsed document or an
+    :class:`~htsr_cli.analysis.Analysis`) rather than a checkpoint to analyse."""
+    if isinstance(source, Mapping):
+        return "schema" in source or "layers" in source
+    if isinstance(source, str | Path):
+        return str(source) == "-" or Path(source).suffix.lower() == ".json"
+    # Only an already imported htsr_cli.analysis can have made an Analysis: no torch import.
+    mod = sys.modules.get("htsr_cli.analysis")
+    return mod is not None and isinstance(source, mod.Analysis)
+
+
+def read_analysis(source: Any, label: str = "analysis") -> tuple[dict[str, Any], str | None]:
+    """The validated analysis document behind ``source`` (see :func:`is_analysis_document`)
+    and the file it came from (``stdin`` or the path; None for an in-memory one)."""
+    if isinstance(source, str | Path):
+        doc, file = read_json(source)
+        return validate_analysis(doc, file), file
+    if not isinstance(source, Mapping):
+        source = source.to_dict()  # an Analysis
+    return validate_analysis(source, label), None
+
+
 def finite(value: Any) -> float:
     """A metric value from a document as float; null and non-numbers become NaN."""
     if isinstance(value, bool) or not isinstance(value, int | float):

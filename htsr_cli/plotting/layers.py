@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis import ALPHA_HIGH, ALPHA_LOW, Analysis
+from .. import plans
+from ..analysis import ALPHA_HIGH, ALPHA_LOW
 from ..errors import InputError
 from ..metrics import METRICS
-from ..plans import LRPlan, check_schema, finite, load_plan, read_json, require, validate_analysis
+from ..plans import LRPlan, check_schema, finite, load_plan, read_json, require
 from .common import (
     DEFAULT_DPI,
     abbreviate,
@@ -84,12 +85,7 @@ def _need_inputs(sources: Sequence[Any], what: str) -> None:
 
 def read_analysis(source: Any, label: str = "analysis") -> dict[str, Any]:
     """An ``htsr.analysis/1`` document from a path, ``-``, a dict or an :class:`Analysis`."""
-    if isinstance(source, Analysis):
-        return source.to_dict()
-    if isinstance(source, Mapping):
-        return validate_analysis(source, label)
-    doc, label = read_json(source)
-    return validate_analysis(doc, label)
+    return plans.read_analysis(source, label)[0]
 
 
 def plot_metrics(
@@ -172,13 +168,7 @@ def plot_lr_plans(
     drawn hollow."""
     fmt = output_format(output)
     _need_inputs(plans, "plan")
-    loaded: list[LRPlan] = []
-    for p in plans:
-        if isinstance(p, str | os.PathLike):
-            doc, lab = read_json(p)
-            loaded.append(LRPlan.from_dict(doc, lab))
-        else:
-            loaded.append(load_plan(p))
+    loaded: list[LRPlan] = [load_plan(p) for p in plans]
     defaults = [pl.scheme if pl.metric == "alpha" else f"{pl.scheme} ({pl.metric})"
                 for pl in loaded]
     names = series_labels(defaults, [f"{d} [{f}]" for d, f in

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from .. import budgets as B
 from ..columns import METRICS
 from ..errors import InputError
 from ..output import check_writable
-from ..plans import finite, read_json, validate_analysis
+from ..plans import finite, is_analysis_document, read_analysis
 from .layers import (
     method_budgets,
     select,
@@ -25,14 +24,6 @@ from .structured import check_importance
 Progress = Callable[[int, int | None, str], None]
 #: analyze() options prune passes on when it analyses a checkpoint for the metric method.
 ANALYZE_OPTIONS = frozenset({"fit", "device", "analysis_seed"})
-
-
-def _is_document(source: Any) -> bool:
-    if isinstance(source, Mapping):
-        return "schema" in source
-    if isinstance(source, str | os.PathLike):
-        return str(source) == "-" or Path(source).suffix.lower() == ".json"
-    return False
 
 
 def _check_target(sparsity: float | None, keep_params: int | None) -> None:
@@ -101,14 +92,11 @@ def _analysis_rows(doc: Mapping[str, Any], names: set[str], label: str
 
 def _analyze(source: Any, metric: str, trust_pickle: bool, options: Mapping[str, Any],
              on_progress: Progress | None) -> dict[str, Any]:
-    from ..analysis import analyze
+    from ..analysis import analyze_metric
 
-    opts = {k: v for k, v in options.items() if v is not None}
-    if "analysis_seed" in opts:
-        opts["seed"] = opts.pop("analysis_seed")
     cb = (lambda d, t, n: on_progress(d, t, f"analyze {n}")) if on_progress else None
-    return analyze(source, metrics=[metric], trust_pickle=trust_pickle, on_progress=cb,
-                   **opts).to_dict()
+    return analyze_metric(source, metric, trust_pickle=trust_pickle, on_progress=cb,
+                          **options).to_dict()
 
 
 def prune(
@@ -196,7 +184,7 @@ def prune(
             target = plan_doc["target"]
             sparsity = finite(target.get("sparsity") if isinstance(target, Mapping) else None)
     _check_target(sparsity, keep_params)
-    document = _is_document(source)
+    document = is_analysis_document(source)
     if document and analysis is not None:
         raise InputError("SOURCE is already an analysis document; --analysis is for a "
                          "checkpoint SOURCE")
@@ -219,9 +207,8 @@ def prune(
             if document:
                 rows = _analysis_rows(ctx.doc, names, ctx.label)
             elif analysis is not None:
-                adoc, alabel = (dict(analysis), "analysis") if isinstance(analysis, Mapping) \
-                    else read_json(analysis)
-                rows = _analysis_rows(validate_analysis(adoc, alabel), names, alabel)
+                adoc, alabel = read_analysis(analysis)
+                rows = _analysis_rows(adoc, names, alabel or "analysis")
             else:
                 rows = _analysis_rows(_analyze(ctx.checkpoint_source(), metric, trust_pickle,
                                                analyze_options, on_progress),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch import nn
 from .. import budgets as B
 from ..checkpoint import KEY_ORDER_META, Checkpoint, open_checkpoint, save_safetensors
 from ..errors import HtsrError
-from ..plans import read_json, validate_analysis
+from ..plans import read_analysis
 from .layers import Layer, checkpoint_layers, guess_classifier
 from .plan import GroupPlan, PrunePlan
 from .record import (
@@ -72,9 +72,8 @@ class Context:
 
     def open(self) -> None:
         if self.document:
-            doc, self.label = (dict(self.source), "analysis") if isinstance(self.source, Mapping) \
-                else read_json(self.source)
-            self.doc = validate_analysis(doc, self.label)
+            self.doc, label = read_analysis(self.source)
+            self.label = label or "analysis"
             return
         self.ckpt = open_checkpoint(self.source, trust_pickle=self.trust_pickle)
         self.ckpt.start_hashing()
