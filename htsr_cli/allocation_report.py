@@ -142,7 +142,7 @@ def run_allocate(source: Any, *, fmt: str | None = None, output: str | None = No
         **kwargs: every other keyword of :func:`allocate`.
     """
     fmt = choose_plan_format(fmt, output, sys.stdout.isatty())
-    check_writable(output)
+    check_writable(output, [source])
     if str(source) == "-" and sys.stdin is not None and sys.stdin.isatty():
         raise InputError("SOURCE is '-' but stdin is a terminal: pipe an analysis in, e.g. "
                          "htsr analyze m.safetensors --format json | htsr allocate - --lr 0.1")

@@ -15,7 +15,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,11 +29,33 @@ def _is_special(path: Path) -> bool:
         return False
 
 
-def check_writable(path: str | os.PathLike | None) -> None:
-    """Fail early (before any work) when ``-o PATH`` cannot be written."""
+#: Files a checkpoint directory is read from (htsr_cli.checkpoint): never an output there.
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".index.json")
+
+
+def _is_input(out: Path, inputs: Iterable[Any]) -> bool:
+    target = os.path.realpath(out)
+    for given in inputs:
+        if not isinstance(given, str | os.PathLike) or str(given) == "-":
+            continue  # in-memory sources and stdin are not files
+        src = os.path.realpath(given)
+        if target == src:
+            return True
+        if os.path.isdir(src) and os.path.dirname(target) == src and \
+                out.name.endswith(_CHECKPOINT_SUFFIXES):
+            return True
+    return False
+
+
+def check_writable(path: str | os.PathLike | None, inputs: Iterable[Any] = ()) -> None:
+    """Fail early (before any work) when ``-o PATH`` cannot be written, or would replace one
+    of ``inputs`` (input files, or checkpoint files in an input directory): htsr never
+    modifies its input."""
     if path is None or str(path) == "-":
         return
     p = Path(path)
+    if _is_input(p, inputs):
+        raise InputError(f"-o {path} is an input file; htsr never overwrites its input")
     if p.is_dir():
         raise InputError(f"cannot write {p}: it is a directory")
     if _is_special(p):

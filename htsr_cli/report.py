@@ -147,7 +147,7 @@ def run_analysis(
     """
     err = stderr or Console(stderr=True, highlight=False)
     fmt = choose_format(fmt, output, sys.stdout.isatty())
-    check_writable(output)
+    check_writable(output, [source])
     with open_output(output) as fh:
         on_layer: Callable[[dict[str, Any]], None] | None = None
         if fmt == "ndjson":

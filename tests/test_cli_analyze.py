@@ -608,6 +608,24 @@ def test_bad_input_is_one_line_exit_2_and_no_output(key: str, bad_runs: dict) ->
         assert list(outdir.iterdir()) == []
 
 
+def test_output_onto_the_input_is_refused(files: Files, tmp_path: Path) -> None:
+    """-o naming the checkpoint itself, or a checkpoint file of an input directory: exit 2,
+    one line, the input untouched (htsr never modifies its input)."""
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(files.st.read_bytes())
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(files.st.read_bytes())
+    before = ckpt.read_bytes()
+    procs = run_many({"file": call(ckpt, "-o", ckpt),
+                      "dir": call(hf, "--format", "json", "-o", hf / "model.safetensors")})
+    for proc in procs.values():
+        assert_one_line_error(proc, "is an input file")
+    assert ckpt.read_bytes() == before == (hf / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.safetensors"]
+    assert [p.name for p in hf.iterdir()] == ["model.safetensors"]
+
+
 def test_output_into_a_missing_directory(bad_runs: dict) -> None:
     proc = bad_runs["output-directory-missing"]
     assert_one_line_error(proc, "no-such-dir", "does not exist")

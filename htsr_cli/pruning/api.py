@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -70,13 +69,7 @@ def _check_output(output: str | None, source: Any, document: bool, files: Sequen
                          "analysis document (the plan itself goes to stdout)")
     if not str(output).endswith(".safetensors"):
         raise InputError(f"-o {output}: a pruned checkpoint is a .safetensors file")
-    out = os.path.realpath(output)
-    inputs = {os.path.realpath(f) for f in files}
-    if isinstance(source, str | os.PathLike):
-        inputs.add(os.path.realpath(source))
-    if out in inputs:
-        raise InputError(f"-o {output} is an input file; htsr never overwrites its input")
-    check_writable(output)
+    check_writable(output, [source, *files])
 
 
 def _analysis_rows(doc: Mapping[str, Any], names: set[str], label: str
