@@ -294,6 +294,11 @@ def analyze(
         result = Analysis(source={}, options=options)
 
         def compute(name: str, weight: torch.Tensor) -> tuple[dict[str, Any], dict | None]:
+            if weight.device.type == "meta":
+                return {"name": name, "reason": "meta tensor: it holds no values"}, None
+            if weight.layout != torch.strided:
+                return {"name": name, "reason": f"{str(weight.layout).removeprefix('torch.')} "
+                        "tensor: not a dense weight"}, None
             spectra: dict[str, torch.Tensor] = {}
             try:
                 row = analyze_layer(name, weight, fit=fit, metrics=names, device=dev,

@@ -1,7 +1,8 @@
 """Errors that the CLI turns into one line on stderr and a documented exit code.
 
-Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error, 130 interrupted
-(Ctrl-C), 141 the reader of stdout closed the pipe (as for any Unix filter).
+Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error, 3 internal error (a
+bug in htsr, never a gate), 130 interrupted (Ctrl-C), 141 the reader of stdout closed the pipe
+(as for any Unix filter).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3  # an unexpected exception: a bug, reported in one line
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, as a shell reports it
 
 

@@ -106,6 +106,15 @@ def test_a_callback_that_raises_stops_the_workers_and_restores_the_threads(ckpt:
     assert (torch.get_num_threads(), blas_threads()) == before
 
 
+def test_meta_and_sparse_weights_are_skipped_with_their_reason() -> None:
+    sd = {"a.weight": torch.randn(30, 20), "m.weight": torch.empty(30, 20, device="meta"),
+          "s.weight": torch.randn(30, 20).to_sparse()}
+    result = analyze(sd, device="cpu")
+    assert [r["name"] for r in result.layers] == ["a"]
+    assert result.skipped == [{"name": "m", "reason": "meta tensor: it holds no values"},
+                              {"name": "s", "reason": "sparse_coo tensor: not a dense weight"}]
+
+
 def test_parallelism_splits_the_threads() -> None:
     from threadpoolctl import threadpool_info, threadpool_limits
 

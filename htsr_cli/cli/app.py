@@ -12,7 +12,14 @@ import sys
 import typer
 
 from .. import __version__
-from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, HtsrError, PipeClosed, report_interrupt
+from ..errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    HtsrError,
+    PipeClosed,
+    report_interrupt,
+)
 
 app = typer.Typer(
     name="htsr",
@@ -78,6 +85,13 @@ def main(argv: list[str] | None = None) -> None:
             cmd = ctx.command_path if ctx is not None else _command_path(argv)
             error(f"{exc.format_message()} (see '{cmd} --help')")
             code = getattr(exc, "exit_code", EXIT_USAGE)
+    except Exception as exc:  # a bug: never exit 1, which means "a gate failed"
+        if os.environ.get("HTSR_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        sys.stderr.write(f"htsr: internal error: {type(exc).__name__}: {first} (a bug; "
+                         "HTSR_DEBUG=1 shows the traceback)\n")
+        code = EXIT_INTERNAL
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
         report_interrupt()
     sys.exit(code if isinstance(code, int) else 0)
