@@ -68,6 +68,9 @@ def validate_analysis(doc: Mapping[str, Any], label: str = "analysis") -> dict[s
     """Check an ``htsr.analysis/1`` document enough for the commands that consume it."""
     check_schema(doc, ANALYSIS_SCHEMA, label)
     require(doc, ("source", "options", "layers"), label)
+    for key in ("source", "options"):
+        if not isinstance(doc[key], Mapping):
+            raise InputError(f"{label}: '{key}' must be an object")
     layers = doc["layers"]
     if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
         raise InputError(f"{label}: 'layers' must be a list of objects")
@@ -195,9 +198,16 @@ class LRPlan:
         base_lr = finite(doc["base_lr"])
         if not (math.isfinite(base_lr) and base_lr > 0):
             raise InputError(f"{label}: base_lr must be a positive number")
+        for key in ("params", "source"):
+            if not isinstance(doc.get(key, {}), Mapping):
+                raise InputError(f"{label}: '{key}' must be an object")
+        base_wd = doc.get("base_wd")
+        if base_wd is not None and not (math.isfinite(finite(base_wd)) and finite(base_wd) >= 0):
+            raise InputError(f"{label}: base_wd must be a non-negative number")
         return cls(scheme=str(doc["scheme"]), metric=str(doc["metric"]), base_lr=base_lr,
                    params=dict(doc["params"]), layers=layers, source=dict(doc.get("source", {})),
-                   base_wd=doc.get("base_wd"), wd_scheme=doc.get("wd_scheme"))
+                   base_wd=None if base_wd is None else float(base_wd),
+                   wd_scheme=doc.get("wd_scheme"))
 
 
 def load_plan(source: str | Path | Mapping[str, Any] | LRPlan) -> LRPlan:

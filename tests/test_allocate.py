@@ -451,12 +451,27 @@ def test_checkpoint_and_module_sources():
     (lambda d: d.pop("options"), "lacks field(s) options"),
     (lambda d: d["layers"][0].pop("num_evals"), "num_evals"),
     (lambda d: d.update(layers=[]), "no analysed layer"),
+    (lambda d: d.update(source="abc"), "'source' must be an object"),
+    (lambda d: d.update(options=[1]), "'options' must be an object"),
 ])
 def test_bad_analysis_documents_are_rejected(mutate, message):
     doc = analysis(ALPHAS)
     mutate(doc)
     with pytest.raises(InputError) as err:
         allocate(doc, lr=0.1)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("params", 1, "'params' must be an object"),
+    ("source", "abc", "'source' must be an object"),
+    ("base_wd", "x", "base_wd must be a non-negative number"),
+])
+def test_bad_plan_documents_are_rejected(key, value, message):
+    doc = allocate(analysis(ALPHAS), lr=0.1).to_dict()
+    doc[key] = value
+    with pytest.raises(InputError) as err:
+        LRPlan.from_dict(doc)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
