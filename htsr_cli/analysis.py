@@ -138,12 +138,18 @@ def _selected(name: str, layers: Sequence[str], exclude: Sequence[str]) -> bool:
     return not any(fnmatch.fnmatchcase(name, g) for g in exclude)
 
 
+def exact_glob(name: str) -> str:
+    """A ``--layers`` pattern that matches exactly the layer ``name``."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def _natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _candidates(ckpt: Checkpoint) -> list[TensorRef]:
-    """Weight tensors that could be layers: ``*.weight`` keys of 2 or more dimensions.
+def layer_refs(ckpt: Checkpoint) -> list[TensorRef]:
+    """Weight tensors that could be layers, in layer order: ``*.weight`` keys of 2 or more
+    dimensions. The one list of layers that analyze, prune and plot walk.
 
     Torch files keep the state dict's (model) order, and so do safetensors files written by
     htsr (they record it). Other safetensors files store tensors sorted by dtype and name, so
@@ -280,7 +286,7 @@ def analyze(
     try:
         if ckpt.path is not None:
             ckpt.start_hashing()  # overlaps the sha256 of the files with the eigen-solves
-        candidates = _candidates(ckpt)
+        candidates = layer_refs(ckpt)
         if not candidates:
             raise InputError(f"{ckpt.path or 'the state dict'} holds no weight matrix "
                              "(no '.weight' tensor with 2 or more dimensions)")

@@ -346,7 +346,8 @@ class Checkpoint:
 
     def load(self, key: str) -> torch.Tensor:
         """Load one tensor (CPU, stored dtype) by its (DDP-stripped) key."""
-        self.tensors()
+        if self._refs is None:
+            self.tensors()
         if key not in self._where:
             raise InputError(f"no tensor named {key!r} in {self.path or 'the checkpoint'}")
         file, stored = self._where[key]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis import _candidates, analyze
+from ..analysis import analyze, exact_glob, layer_refs
 from ..checkpoint import open_checkpoint
 from ..data import default_checkpoint
 from ..errors import InputError
@@ -127,11 +126,6 @@ def esd_panel(name: str, evals: np.ndarray, row: dict[str, Any], *, fit: str,
     return panel
 
 
-def _escape_glob(name: str) -> str:
-    """An fnmatch pattern that matches exactly ``name``."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 def select_layers(available: Sequence[str], globs: Sequence[str]) -> list[str]:
     """Layers matching any glob, in model order; every glob must match something."""
     if not globs:
@@ -215,14 +209,14 @@ def plot_esd(
     notes: list[str] = []
     ckpt = open_checkpoint(source, trust_pickle=trust_pickle)
     try:
-        available = [r.key[:-len(".weight")] for r in _candidates(ckpt)]
+        available = [r.key[:-len(".weight")] for r in layer_refs(ckpt)]
         chosen = select_layers(available, layers)
         if len(chosen) > max_layers:
             notes.append(f"showing the first {max_layers} of {len(chosen)} layers "
                          "(see --max-layers, --layer)")
             chosen = chosen[:max_layers]
         result = analyze(ckpt, fit=fit, metrics=["alpha"], device=device,
-                         layers=[_escape_glob(n) for n in chosen], keep_spectra=True,
+                         layers=[exact_glob(n) for n in chosen], keep_spectra=True,
                          on_progress=on_progress)
     finally:
         ckpt.close()

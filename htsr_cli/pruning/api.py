@@ -14,6 +14,7 @@ from ..errors import InputError
 from ..output import check_writable
 from ..plans import finite, is_analysis_document, read_analysis
 from .layers import (
+    Layer,
     method_budgets,
     select,
 )
@@ -83,13 +84,15 @@ def _analysis_rows(doc: Mapping[str, Any], names: set[str], label: str
     return rows
 
 
-def _analyze(source: Any, metric: str, trust_pickle: bool, options: Mapping[str, Any],
-             on_progress: Progress | None) -> dict[str, Any]:
-    from ..analysis import analyze_metric
+def _analyze(source: Any, metric: str, layers: Sequence[Layer], trust_pickle: bool,
+             options: Mapping[str, Any], on_progress: Progress | None) -> dict[str, Any]:
+    """The metric of the prunable ``layers`` only: the classifier, embeddings and excluded
+    layers (often the largest matrices) get no eigen-solve."""
+    from ..analysis import analyze_metric, exact_glob
 
     cb = (lambda d, t, n: on_progress(d, t, f"analyze {n}")) if on_progress else None
-    return analyze_metric(source, metric, trust_pickle=trust_pickle, on_progress=cb,
-                          **options).to_dict()
+    return analyze_metric(source, metric, layers=[exact_glob(x.name) for x in layers],
+                          trust_pickle=trust_pickle, on_progress=cb, **options).to_dict()
 
 
 def prune(
@@ -203,9 +206,9 @@ def prune(
                 adoc, alabel = read_analysis(analysis)
                 rows = _analysis_rows(adoc, names, alabel or "analysis")
             else:
-                rows = _analysis_rows(_analyze(ctx.checkpoint_source(), metric, trust_pickle,
-                                               analyze_options, on_progress),
-                                      names, "analysis")
+                rows = _analysis_rows(_analyze(ctx.checkpoint_source(), metric, prunable,
+                                               trust_pickle, analyze_options, on_progress),
+                                      names, "analysis") if prunable else {}
         budgets_by_plan = None
         if plan_doc is not None:
             budgets_by_plan = plan_budgets(plan_doc)

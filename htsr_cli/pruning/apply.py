@@ -154,8 +154,10 @@ class Context:
                     if isinstance(m, _CONV_LINEAR)]
         if self.document:
             return analysis_layers(self.doc)
+        from ..analysis import layer_refs
+
         assert self.ckpt is not None
-        return checkpoint_layers(self.ckpt.tensors())
+        return checkpoint_layers(layer_refs(self.ckpt))
 
     def classifier(self, structured: bool, layers: Sequence[Layer]) -> str | None:
         from ..models import build_model, classifier_name

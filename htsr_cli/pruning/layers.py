@@ -54,9 +54,11 @@ def is_embedding(name: str) -> bool:
 
 
 def checkpoint_layers(refs: Sequence[Any]) -> list[Layer]:
-    """Every weight that could be pruned, in checkpoint order (from ``TensorRef``s)."""
+    """Every weight that could be pruned, from analyze's layer list
+    (:func:`htsr_cli.analysis.layer_refs`, in layer order): Conv/Linear shapes of a dtype
+    that can hold zeros exactly (not float8)."""
     return [Layer(r.key[:-len(".weight")], tuple(r.shape)) for r in refs
-            if r.key.endswith(".weight") and 2 <= len(r.shape) <= 4 and r.dtype in _FLOAT]
+            if len(r.shape) <= 4 and r.dtype in _FLOAT]
 
 
 def analysis_layers(doc: Mapping[str, Any]) -> list[Layer]:
