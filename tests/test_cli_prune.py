@@ -188,6 +188,8 @@ def _error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     (["--sparsity", "0.5", "--eps", "1.5"], "--eps must be in [0, 1)"),
     (["--sparsity", "0.5", "--structured", "--unstructured"], "choose one of"),
     (["--keep-params", "999999999"], "--keep-params must be an integer"),
+    (["--sparsity", "0.5", "--unstructured", "--arch", "resnet18"],
+     "its classifier 'fc' is not a layer of"),
 ])
 def test_bad_options_exit_2_with_one_line(capsys, args, needle):
     assert needle in _error(capsys, CKPT, *args)

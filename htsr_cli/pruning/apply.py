@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import budgets as B
 from ..checkpoint import KEY_ORDER_META, Checkpoint, open_checkpoint, save_safetensors
-from ..errors import HtsrError
+from ..errors import HtsrError, InputError
 from ..plans import read_analysis
 from .layers import Layer, checkpoint_layers, guess_classifier
 from .plan import GroupPlan, PrunePlan
@@ -171,7 +171,12 @@ class Context:
                 build_model(arch, self.num_classes, width=self.width or 1.0,
                             in_channels=self.in_channels)
             self.num_classes = _classes(model)
-            return classifier_name(model)
+            head = classifier_name(model)
+            if head is not None and head not in {x.name for x in layers}:
+                raise InputError(f"--arch {arch}: its classifier {head!r} is not a layer of "
+                                 f"{self.label or self.source}; is --arch the right "
+                                 "architecture?")
+            return head
         return guess_classifier(layers, oriented=not self.document)
 
     def weight_loader(self, structured: bool) -> Callable[[str], torch.Tensor] | None:
