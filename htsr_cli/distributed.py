@@ -75,7 +75,7 @@ def launch(config: FinetuneConfig, nproc: int, *, resume: bool = False,
         raise InputError("--nproc-per-node: already running under torchrun")
     if not resume:
         config = _stored(config)
-    setup = prepare(config, resume=resume, world=nproc, validate_only=True)
+    setup = prepare(config, resume=resume, world=nproc)
     setup.run.write_args(config.to_dict())  # the workers read their arguments from it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "htsr_cli", "finetune",

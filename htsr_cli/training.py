@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .distributed import dist_env, launch
+from .distributed import broadcast, dist_env, launch
 from .errors import InputError
+from .plans import LRPlan
 from .run_dir import RunDir
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -251,10 +252,11 @@ def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def prepare(config: FinetuneConfig, *, resume: bool = False, rank: int = 0, world: int = 1,
-            local_rank: int = 0, validate_only: bool = False) -> _Setup:
+            local_rank: int = 0) -> _Setup:
     """Check everything and build the model: bad arguments, a missing or malformed data set, a
     checkpoint that does not fit the architecture and a plan for another model all fail here,
-    with one line, before any training. ``validate_only`` skips the initial allocation."""
+    with one line, before any training. (``--allocate``'s first plan is made by
+    :func:`initial_allocation`, once the model is on its device.)"""
     from .models import resolve_arch
     from .optim import param_groups
     from .plans import load_plan
@@ -295,16 +297,27 @@ def prepare(config: FinetuneConfig, *, resume: bool = False, rank: int = 0, worl
     if config.lr_plan and state is None:
         setup.plan = load_plan(config.lr_plan)
         param_groups(model, setup.plan, lr=config.lr)  # a plan for another model fails here
-    if config.allocate and state is None and not validate_only:
+    return setup
+
+
+def initial_allocation(setup: _Setup, rank: int, world: int) -> None:
+    """``--allocate`` on a new run: the first plan, from the initial weights. Rank 0 computes
+    it on the training device (the model must be there already) and every rank takes its
+    plan, so DDP replicas start with identical learning rates."""
+    cfg = setup.config
+    if not cfg.allocate or setup.state is not None:
+        return
+    doc = None
+    if rank == 0:
         from .allocation import allocate
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            setup.plan = allocate(model, lr=config.lr, scheme=config.allocate,
-                                  metric=config.metric, s1=config.s1, s2=config.s2,
-                                  seed=config.seed, fit=config.fit)
+            doc = allocate(setup.model, lr=cfg.lr, scheme=cfg.allocate, metric=cfg.metric,
+                           s1=cfg.s1, s2=cfg.s2, seed=cfg.seed, fit=cfg.fit,
+                           device=str(setup.device)).to_dict()
         setup.esd_seconds = time.perf_counter() - t0
-    return setup
+    setup.plan = LRPlan.from_dict(broadcast(doc, world))
 
 
 def _uniform_plan(names: list[str], lr: float) -> Any:

@@ -27,7 +27,7 @@ from .data import augment, channel_stats, crop_flip, crop_padding, fit_to_input,
 from .distributed import all_sum, broadcast, replicas_equal
 from .errors import report_interrupt
 from .run_dir import PRUNE_META, RUN_META, RUN_SCHEMA
-from .training import _optimizer, _Setup, scheduled_lr
+from .training import _optimizer, _Setup, initial_allocation, scheduled_lr
 
 #: The data set stays on the GPU when it takes at most this share of the free memory.
 DEVICE_DATA_SHARE = 0.25
@@ -291,19 +291,15 @@ def train(setup: _Setup, *, world: int, rank: int, stop_after: int | None,
           progress: bool | None,
           on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     """Run the epochs of ``setup`` (see :func:`htsr_cli.training.finetune`)."""
-    from .optim import Reallocator, apply_multipliers
+    from .optim import Reallocator
 
     cfg, model, dev = setup.config, setup.model, setup.device
     cuda = dev.type == "cuda"
     model.to(dev)
     if cuda:
         model.to(memory_format=torch.channels_last)
+    initial_allocation(setup, rank, world)
     optimizer = _optimizer(setup)
-    if cfg.allocate and setup.state is None and world > 1:
-        # every rank allocated from the same weights; rank 0's result is the one that counts
-        first = {g["htsr_layer"]: g["htsr_multiplier"] for g in optimizer.param_groups
-                 if g["htsr_layer"] is not None} if rank == 0 else None
-        apply_multipliers(optimizer, broadcast(first, world))
     realloc = None
     if cfg.allocate and rank == 0:
         realloc = Reallocator(model, optimizer, scheme=cfg.allocate, metric=cfg.metric,
