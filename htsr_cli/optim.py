@@ -361,8 +361,9 @@ class Reallocator:
     ranks, which call :func:`apply_multipliers` (see docs/training-loop.md).
 
     Attributes:
-        count: calls of :meth:`step` so far.
+        count: calls of :meth:`step` so far (set it to the epochs done when resuming).
         last_seconds: wall time of the last re-allocation (0 before the first).
+        last_plan: the plan of the last re-allocation (None before the first).
         history: one ``{"step", "seconds", "multipliers"}`` record per re-allocation.
     """
 
@@ -379,6 +380,7 @@ class Reallocator:
         self.allocate_options = allocate_options
         self.count = 0
         self.last_seconds = 0.0
+        self.last_plan: LRPlan | None = None
         self.history: list[dict[str, Any]] = []
 
     def step(self) -> bool:
@@ -417,6 +419,7 @@ class Reallocator:
         apply_multipliers(self.optimizer, multipliers, self.scheduler,
                           wd_multipliers=full(wd) if wd else None)
         self.last_seconds = time.perf_counter() - t0
+        self.last_plan = plan
         self.history.append({"step": self.count, "seconds": self.last_seconds,
                              "multipliers": multipliers})
         log.info("re-allocated %d layer LRs (%s on %s) in %.3f s", len(multipliers),

@@ -176,24 +176,24 @@ def _evaluate(model: nn.Module, batches: _Batches, autocast: Any) -> tuple[Any, 
     return loss_sum, correct, torch.tensor(float(count), device=dev)
 
 
-def _esd_work(setup: _Setup, realloc: Any, optimizer: torch.optim.Optimizer, epoch: int,
+def _esd_work(setup: _Setup, realloc: Any, optimizer: torch.optim.Optimizer,
               world: int, rank: int) -> dict[str, float | None]:
-    """End of an epoch: re-allocate when it is due (rank 0, broadcast), else measure the metric
-    for the history (``--track-metric``, rank 0). Returns layer -> metric value."""
+    """End of an epoch: step the Reallocator (rank 0; it re-allocates every
+    ``--reallocate-every`` epochs) and hand its multipliers to the other ranks, or else measure
+    the metric for the history (``--track-metric``, rank 0). Returns layer -> metric value."""
     from .optim import apply_multipliers
 
     cfg = setup.config
-    if cfg.allocate and epoch % cfg.reallocate_every == 0:
+    if cfg.allocate:
         metric, multipliers = {}, None
-        if rank == 0:
-            realloc.count = epoch  # the Reallocator seeds sampled schemes with seed + count
-            plan = realloc.reallocate()
-            metric = {layer.name: layer.metric_value for layer in plan.layers}
+        if rank == 0 and realloc.step():
+            metric = {layer.name: layer.metric_value for layer in realloc.last_plan.layers}
             multipliers = realloc.history[-1]["multipliers"]
-        multipliers = broadcast(multipliers, world)
-        if rank != 0:
-            apply_multipliers(optimizer, multipliers)
-        return metric
+        multipliers = broadcast(multipliers, world)  # None: not due this epoch
+        if multipliers is not None:
+            if rank != 0:
+                apply_multipliers(optimizer, multipliers)
+            return metric
     if cfg.track_metric and rank == 0:
         from .analysis import analyze
 
@@ -309,6 +309,8 @@ def train(setup: _Setup, *, world: int, rank: int, stop_after: int | None,
     masks = [(params[n], m.to(dev)) for n, m in setup.masks.items()]
     gen = torch.Generator().manual_seed(cfg.seed)
     start, totals = _restore(setup, gen, cuda)
+    if realloc is not None:
+        realloc.count = start  # epochs done: a resumed run re-allocates (and seeds) on schedule
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
@@ -339,7 +341,7 @@ def train(setup: _Setup, *, world: int, rank: int, stop_after: int | None,
                     dist.broadcast(b, src=0)
             test_stats = _evaluate(model, batches, autocast)
             t_esd = time.perf_counter()
-            metric = _esd_work(setup, realloc, optimizer, epoch, world, rank)
+            metric = _esd_work(setup, realloc, optimizer, world, rank)
             esd = time.perf_counter() - t_esd + pending_esd
             tr_loss, tr_correct, tr_n, te_loss, te_correct, te_n = all_sum(
                 [*train_stats, *test_stats], world)
