@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -281,7 +282,8 @@ def _tensor_dict(path: Path) -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as npz:
                 return {k: torch.from_numpy(npz[k]) for k in npz.files}
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError, EOFError,
+            zipfile.BadZipFile) as exc:  # TypeError: an npz array numpy cannot hand to torch
         raise InputError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(obj, Mapping):
         raise InputError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
@@ -321,12 +323,16 @@ def read_tensor_file(path: str | os.PathLike) -> Dataset:
             raise InputError(f"{p}: {split}_y must be {x.shape[0]} integer labels, got "
                              f"{y.dtype} {tuple(y.shape)}")
         out += [x if x.dtype == torch.uint8 else x.float(), y.long()]
-    if out[0].shape[1:] != out[2].shape[1:] or out[0].shape[0] == 0:
+    if out[0].shape[1:] != out[2].shape[1:] or out[0].shape[0] == 0 or out[2].shape[0] == 0:
         raise InputError(f"{p}: train_x and test_x must be non-empty images of one shape")
-    top = int(max(out[1].max(), out[3].max())) if out[3].numel() else int(out[1].max())
+    top = int(max(out[1].max(), out[3].max()))
     n = d.get("num_classes")
+    if n is not None and (not isinstance(n, torch.Tensor | int) or
+                          (isinstance(n, torch.Tensor) and (n.numel() != 1 or
+                                                            n.is_floating_point()))):
+        raise InputError(f"{p}: num_classes must be one integer")
     num_classes = int(n) if n is not None else top + 1
-    low = min(int(out[1].min()), int(out[3].min()) if out[3].numel() else 0)
+    low = min(int(out[1].min()), int(out[3].min()))
     if low < 0 or top >= num_classes:
         raise InputError(f"{p}: labels must lie in 0..{num_classes - 1}")
     return Dataset(*out, num_classes, str(p))

@@ -317,8 +317,23 @@ def test_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     other_plan = tmp_path / "other-plan.json"
     other_plan.write_text(json.dumps(allocate(str(default_checkpoint()), lr=0.1).to_dict()))
     (tmp_path / "empty").mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "no-test.npz", train_x=images, train_y=np.arange(8) % 2,
+             test_x=images[:0], test_y=np.arange(0))
+    np.savez(tmp_path / "two-counts.npz", train_x=images, train_y=np.arange(8) % 2,
+             test_x=images, test_y=np.arange(8) % 2, num_classes=np.array([2, 3]))
+    (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04 not a whole zip")
     base = ["--arch", "resnet18", "--width", "0.125", "--data", "digits", "--lr", "0.1"]
     cases = [
+        (["--arch", "vgg19", "--width", "0.125", "--data", "digits", "--image-size", "8",
+          "--epochs", "1", "--lr", "0.1"], "cannot take 3x8x8 inputs"),
+        ([*base[:4], "--data", tmp_path / "no-test.npz", "--epochs", "1", "--lr", "0.1"],
+         "must be non-empty images"),
+        ([*base[:4], "--data", tmp_path / "two-counts.npz", "--epochs", "1", "--lr", "0.1"],
+         "num_classes must be one integer"),
+        ([*base[:4], "--data", tmp_path / "truncated.npz", "--epochs", "1", "--lr", "0.1"],
+         "cannot read"),
         (["--arch", "resnet18", "--data", f"cifar10:{tmp_path / 'missing'}", "--epochs", "1",
           "--lr", "0.1"], "does not exist"),
         (["--arch", "resnet18", "--data", f"cifar100:{tmp_path / 'empty'}", "--epochs", "1",

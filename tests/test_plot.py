@@ -338,6 +338,8 @@ def test_run_dir_bad_inputs(tmp_path):
     write_run(tmp_path / "r", method="uniform", params=10, acc=0.5)
     with pytest.raises(InputError, match="matches no layer"):
         plot_history([tmp_path / "r"], tmp_path / "x.png", layers=["nope"])
+    with pytest.raises(InputError, match="--max-layers must be a positive integer"):
+        plot_history([tmp_path / "r"], tmp_path / "x.png", per_layer=True, max_layers=0)
     (tmp_path / "r" / "final.json").write_text(json.dumps({"schema": "htsr.analysis/1"}))
     with pytest.raises(InputError, match="expected 'htsr.run/1'"):
         plot_tradeoff([tmp_path / "r"], tmp_path / "x.png")

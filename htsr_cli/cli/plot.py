@@ -55,7 +55,7 @@ def esd_command(
         help="Layers whose name matches this glob (repeatable; each must match)."),
     fit: str = options.fit(),
     linear: bool = typer.Option(False, "--linear", help="Linear axes and bins, not log-log."),
-    max_layers: int = typer.Option(16, "--max-layers",
+    max_layers: int = typer.Option(16, "--max-layers", min=1,
                                    help="At most this many panels (the first layers)."),
     device: str = options.device(),
     trust_pickle: bool = options.trust_pickle(),
@@ -147,7 +147,8 @@ def history_command(
         help="One panel per layer: its metric across epochs for every run (thesis Fig 3.22)."),
     layer: list[str] = typer.Option(
         [], "--layer", "--layers", help="Only layers matching this glob (repeatable)."),
-    max_layers: int = typer.Option(16, "--max-layers", help="--per-layer: at most this many."),
+    max_layers: int = typer.Option(16, "--max-layers", min=1,
+                                   help="--per-layer: at most this many."),
     label: list[str] = _LABELS,
     dpi: int = _DPI,
 ) -> None:

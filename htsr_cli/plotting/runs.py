@@ -200,6 +200,8 @@ def plot_history(
     fmt = output_format(output)
     if not run_dirs:
         raise InputError("no run directory given")
+    if max_layers < 1:
+        raise InputError(f"--max-layers must be a positive integer, got {max_layers}")
     runs = [read_history(d) for d in run_dirs]
     for run, lab in zip(runs, _run_labels(runs, run_dirs, labels), strict=True):
         run.label = lab
