@@ -378,28 +378,34 @@ def _walk(ckpt: Checkpoint, chosen: Sequence[TensorRef], min_evals: int,
           workers: int) -> Iterator[tuple[dict[str, Any], dict | None]]:
     """Yield ``compute(name, weight)`` per layer, ``(row, spectra)`` or ``(skipped, None)``, and
     ``({"name", "reason"}, None)`` for a layer skipped from its metadata, in checkpoint order.
+    Every skipped record also gets the layer's ``shape`` and ``dtype``, so that a consumer of
+    the document (prune) still counts the layer.
 
-    Tensors are read in this thread, in order (sequential reads), and computed on ``workers``
-    threads; at most ``workers + 1`` tensors are held at once, so peak memory still follows the
-    largest tensor."""
-    pending: deque[Future[Any] | dict[str, Any]] = deque()
+    Tensors are read in this thread, in checkpoint order, and computed on ``workers`` threads;
+    at most ``workers + 1`` tensors are held at once, so peak memory still follows the largest
+    tensor."""
+    pending: deque[tuple[TensorRef, Future[Any] | dict[str, Any]]] = deque()
 
-    def finish(job: Future[Any] | dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
-        return job.result() if isinstance(job, Future) else (job, None)
+    def finish(ref: TensorRef, job: Future[Any] | dict[str, Any]
+               ) -> tuple[dict[str, Any], dict | None]:
+        record, spectra = job.result() if isinstance(job, Future) else (job, None)
+        if spectra is None:
+            record.update(shape=list(ref.shape), dtype=ref.dtype)
+        return record, spectra
 
     with ThreadPoolExecutor(workers, thread_name_prefix="htsr-layer") as pool:
         try:
             for ref in chosen:
                 name = ref.key[:-len(".weight")]
                 reason = _skip_reason(ref, min_evals)
-                pending.append({"name": name, "reason": reason} if reason else
-                               pool.submit(compute, name, ckpt.load(ref.key)))
+                pending.append((ref, {"name": name, "reason": reason} if reason else
+                                pool.submit(compute, name, ckpt.load(ref.key))))
                 while len(pending) > workers:
-                    yield finish(pending.popleft())
+                    yield finish(*pending.popleft())
             while pending:
-                yield finish(pending.popleft())
+                yield finish(*pending.popleft())
         finally:
-            for job in pending:  # an error or an abandoned walk: start nothing more
+            for _, job in pending:  # an error or an abandoned walk: start nothing more
                 if isinstance(job, Future):
                     job.cancel()
 

@@ -111,8 +111,10 @@ def test_meta_and_sparse_weights_are_skipped_with_their_reason() -> None:
           "s.weight": torch.randn(30, 20).to_sparse()}
     result = analyze(sd, device="cpu")
     assert [r["name"] for r in result.layers] == ["a"]
-    assert result.skipped == [{"name": "m", "reason": "meta tensor: it holds no values"},
-                              {"name": "s", "reason": "sparse_coo tensor: not a dense weight"}]
+    shape = {"shape": [30, 20], "dtype": "float32"}
+    assert result.skipped == [{"name": "m", "reason": "meta tensor: it holds no values", **shape},
+                              {"name": "s", "reason": "sparse_coo tensor: not a dense weight",
+                               **shape}]
 
 
 def test_parallelism_splits_the_threads() -> None:

@@ -163,6 +163,20 @@ def test_unstructured_zero_fraction_matches_the_plan(tmp_path):
     assert len(analyze(str(out), metrics=["alpha"]).layers) == 6  # still a plain checkpoint
 
 
+def test_layers_the_analysis_skipped_still_count_and_the_classifier_stays_right():
+    """--min-evals 20 skips features.0 (9 eigenvalues) and the 10-class head classifier.5: a
+    plan from that document must still count them and must not take classifier.3 for the
+    head. Hand count: the prunable weights are features.0/2/6 and classifier.0/3."""
+    doc = analyze(DIGITS, metrics=["alpha"], min_evals=20).to_dict()
+    assert {s["name"] for s in doc["skipped"]} == {"features.0", "classifier.5"}
+    from_doc = prune(doc, sparsity=0.5)
+    from_ckpt = prune(DIGITS, sparsity=0.5)
+    assert from_doc.params["classifier"] == from_ckpt.params["classifier"] == "classifier.5"
+    assert set(by_name(from_doc)) == set(by_name(from_ckpt))
+    total = sum(lp.params_before for lp in by_name(from_doc).values())
+    assert total == 32 * 1 * 9 + 64 * 32 * 9 + 128 * 64 * 9 + 256 * 512 + 128 * 256
+
+
 def test_lamp_removes_the_globally_smallest_scores(tmp_path):
     out = tmp_path / "lamp.safetensors"
     plan = prune(DIGITS, sparsity=0.7, method="lamp", output=str(out))

@@ -84,7 +84,27 @@ def analysis_layers(doc: Mapping[str, Any]) -> list[Layer]:
         else:
             kernel = (side, side) if side * side == rf else (rf, 1)
         out.append(Layer(str(row["name"]), (n, m, *kernel)))
+    # Layers analyze skipped (too few eigenvalues: often a small classifier) still count and
+    # may still be the classifier; their records carry the real shape. They come last: the
+    # document keeps them apart from the analysed layers.
+    out += checkpoint_layers([_SkippedRef(str(r["name"]), tuple(r["shape"]), str(r["dtype"]))
+                              for r in doc.get("skipped", [])
+                              if isinstance(r, Mapping) and isinstance(r.get("shape"), list)
+                              and "dtype" in r])
     return out
+
+
+@dataclass(frozen=True)
+class _SkippedRef:
+    """A skipped record of an analysis document, read like a checkpoint's TensorRef."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def key(self) -> str:
+        return self.name + ".weight"
 
 
 #: Output heads of Hugging Face models: causal LMs, BERT-style and sequence-classification heads.
