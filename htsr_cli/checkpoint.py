@@ -43,7 +43,7 @@ import torch
 from safetensors import safe_open
 
 from htsr_cli import digest
-from htsr_cli.errors import InputError
+from htsr_cli.errors import InputError, one_line
 
 __all__ = ["Checkpoint", "TensorRef", "open_checkpoint"]
 
@@ -93,15 +93,6 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         save_file(data, tmp, metadata=meta)
 
 
-def _one_line(exc: BaseException) -> str:
-    """First line of a library error, so our messages stay on one line."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    if len(text) > 120 and ". " in text:  # torch appends long advice after the first sentence
-        text = text[: text.index(". ") + 1]
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def _header_offsets(file: str) -> dict[str, tuple[int, int]]:
     """Absolute byte ranges of every tensor, from the safetensors header (an 8-byte
     little-endian length, then that many bytes of JSON with ``data_offsets`` relative to the
@@ -133,7 +124,7 @@ class _SafetensorsShard:
             self._offsets = _header_offsets(file)
         except Exception as exc:  # SafetensorError, OSError, ...: all mean unreadable input
             raise InputError(
-                f"{file} is not a valid safetensors file (truncated or corrupt?): {_one_line(exc)}"
+                f"{file} is not a valid safetensors file (truncated or corrupt?): {one_line(exc)}"
             ) from None
 
     def meta(self, key: str) -> tuple[tuple[int, ...], str]:
@@ -160,7 +151,7 @@ class _SafetensorsShard:
             return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
         except Exception as exc:  # the file may have changed or be damaged past the header
             raise InputError(
-                f"cannot read tensor {key!r} from {self.file}: {_one_line(exc)}"
+                f"cannot read tensor {key!r} from {self.file}: {one_line(exc)}"
             ) from None
 
     def metadata(self) -> dict[str, str]:
@@ -206,7 +197,7 @@ def _load_torch(file: str, trust_pickle: bool) -> _DictShard:
         with open(file, "rb") as fh:
             head = fh.read(4)
     except OSError as exc:
-        raise InputError(f"cannot read {file}: {_one_line(exc)}") from None
+        raise InputError(f"cannot read {file}: {one_line(exc)}") from None
     if not head:
         raise InputError(f"{file} is empty (0 bytes); expected a torch.save checkpoint")
     is_zip = head.startswith(b"PK\x03\x04")
@@ -225,7 +216,7 @@ def _load_torch(file: str, trust_pickle: bool) -> _DictShard:
             f"{file} is corrupt or not a torch.save checkpoint (bad pickle data)"
         ) from None
     except Exception as exc:  # RuntimeError, EOFError, zipfile/pickle errors, ... on bad files
-        raise InputError(f"cannot load {file} (corrupt or truncated?): {_one_line(exc)}") from None
+        raise InputError(f"cannot load {file} (corrupt or truncated?): {one_line(exc)}") from None
     # A state dict nested under a conventional key wins over stray top-level tensors.
     if isinstance(obj, Mapping):
         for name in _STATE_KEYS:
@@ -389,7 +380,7 @@ def _from_index(given: str, index_path: str, trust_pickle: bool) -> Checkpoint:
         with open(index_path, encoding="utf-8") as fh:
             doc = json.load(fh)
     except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decode errors
-        raise InputError(f"cannot read index {index_path}: {_one_line(exc)}") from None
+        raise InputError(f"cannot read index {index_path}: {one_line(exc)}") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -414,7 +405,7 @@ def _open_dir(directory: str, trust_pickle: bool) -> Checkpoint:
     try:
         names = sorted(os.listdir(directory))
     except OSError as exc:
-        raise InputError(f"cannot list directory {directory}: {_one_line(exc)}") from None
+        raise InputError(f"cannot list directory {directory}: {one_line(exc)}") from None
     if not names:
         raise InputError(f"{directory} is an empty directory ({_DIR_EXPECTED})")
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htsr_cli.errors import InputError
+from htsr_cli.errors import InputError, one_line
 
 __all__ = [
     "DATA_FORMS", "DEFAULT_CHECKPOINT", "DIGITS_SPLITS", "Dataset", "augment", "channel_stats",
@@ -284,7 +284,7 @@ def _tensor_dict(path: Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError, EOFError,
             zipfile.BadZipFile) as exc:  # TypeError: an npz array numpy cannot hand to torch
-        raise InputError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot read {path}: {one_line(exc)}") from None
     if not isinstance(obj, Mapping):
         raise InputError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     return dict(obj)

@@ -34,6 +34,19 @@ class PipeClosed(HtsrError):
     exit_code = 141  # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe
 
 
+def one_line(exc: BaseException, limit: int = 200, *, join: bool = False) -> str:
+    """An error message on one line (or the error's type): its first line, where libraries
+    such as torch put the point and then long advice, or, with ``join``, all its lines joined
+    (user code, whose every line may matter)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if join and lines:
+        lines = [" ".join(lines)]
+    text = lines[0] if lines else type(exc).__name__
+    if len(text) > 120 and ". " in text:
+        text = text[: text.index(". ") + 1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 _interrupt_reported = False
 
 

@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from .allocation import allocate
 from .checkpoint import strip_ddp_prefix
-from .errors import InputError
+from .errors import InputError, one_line
 from .plans import LRPlan, load_plan
 
 log = logging.getLogger("htsr")
@@ -179,7 +179,7 @@ def layer_owners(model: nn.Module, *, method: str = "auto") -> dict[str, str]:
         except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
             if method == "fx":
                 raise InputError(f"torch.fx cannot trace {type(model).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+                                 f"{one_line(exc)}") from None
             log.debug("fx tracing of %s failed (%s); norms follow registration order",
                       type(model).__name__, exc)
             norms = _norm_owners_by_order(model, layers)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, one_line
 from .output import jsonable, open_output, write_json
 from .plans import check_schema, read_json, require
 
@@ -115,7 +115,7 @@ class RunDir:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file: unpickling errors vary
-            raise InputError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+            raise InputError(f"cannot read {path}: {one_line(exc)}") from None
         if not isinstance(state, dict) or "epoch" not in state:
             raise InputError(f"{path} is not an htsr finetune state file")
         model_epoch = self.model_epoch()

@@ -257,7 +257,7 @@ def prepare(config: FinetuneConfig, *, resume: bool = False, rank: int = 0, worl
     checkpoint that does not fit the architecture and a plan for another model all fail here,
     with one line, before any training. (``--allocate``'s first plan is made by
     :func:`initial_allocation`, once the model is on its device.)"""
-    from .models import resolve_arch
+    from .models import count_macs, resolve_arch
     from .optim import param_groups
     from .plans import load_plan
 
@@ -289,7 +289,9 @@ def prepare(config: FinetuneConfig, *, resume: bool = False, rank: int = 0, worl
     source = str(run.file("model.safetensors")) if state is not None else config.init
     torch.manual_seed(config.seed)  # the initial weights of a model trained from scratch
     model, record = _load_model(config, source, num_classes)
-    _check_forward(model, input_size, config.arch)
+    # One forward pass (eval mode, no statistics change): an input size the architecture
+    # cannot take fails here with one line, before the run directory exists.
+    count_macs(model, input_size)
     if state is None and config.init:
         record = _prune_record(config.init)
     setup = _Setup(config, run, data, model, input_size, device, record, state)
@@ -299,22 +301,6 @@ def prepare(config: FinetuneConfig, *, resume: bool = False, rank: int = 0, worl
         setup.plan = load_plan(config.lr_plan)
         param_groups(model, setup.plan, lr=config.lr)  # a plan for another model fails here
     return setup
-
-
-def _check_forward(model: nn.Module, input_size: tuple[int, int, int], arch: str) -> None:
-    """One forward pass of two blank images (CPU, eval mode: no statistic changes), so that an
-    input size the architecture cannot take fails here, before the run directory exists."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, *input_size))
-    except RuntimeError as exc:
-        c, h, w = input_size
-        raise InputError(f"--arch {arch} cannot take {c}x{h}x{w} inputs (--image-size?): "
-                         f"{str(exc).splitlines()[0]}") from None
-    finally:
-        model.train(was_training)
 
 
 def initial_allocation(setup: _Setup, rank: int, world: int) -> None:

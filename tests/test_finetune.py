@@ -327,7 +327,7 @@ def test_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     base = ["--arch", "resnet18", "--width", "0.125", "--data", "digits", "--lr", "0.1"]
     cases = [
         (["--arch", "vgg19", "--width", "0.125", "--data", "digits", "--image-size", "8",
-          "--epochs", "1", "--lr", "0.1"], "cannot take 3x8x8 inputs"),
+          "--epochs", "1", "--lr", "0.1"], "cannot run on an input of size (3, 8, 8)"),
         ([*base[:4], "--data", tmp_path / "no-test.npz", "--epochs", "1", "--lr", "0.1"],
          "must be non-empty images"),
         ([*base[:4], "--data", tmp_path / "two-counts.npz", "--epochs", "1", "--lr", "0.1"],

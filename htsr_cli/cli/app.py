@@ -18,6 +18,7 @@ from ..errors import (
     EXIT_USAGE,
     HtsrError,
     PipeClosed,
+    one_line,
     report_interrupt,
 )
 
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: never exit 1, which means "a gate failed"
         if os.environ.get("HTSR_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        sys.stderr.write(f"htsr: internal error: {type(exc).__name__}: {first} (a bug; "
+        sys.stderr.write(f"htsr: internal error: {type(exc).__name__}: {one_line(exc)} (a bug; "
                          "HTSR_DEBUG=1 shows the traceback)\n")
         code = EXIT_INTERNAL
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)

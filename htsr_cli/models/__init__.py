@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from htsr_cli.checkpoint import Checkpoint, open_checkpoint
-from htsr_cli.errors import InputError
+from htsr_cli.errors import InputError, one_line
 from htsr_cli.models.convnets import VGG, DenseNet, MobileNetV2
 from htsr_cli.models.resnets import BasicBlock, Bottleneck, ResNet, WideResNet
 
@@ -115,12 +115,6 @@ def _specs() -> dict[str, ArchSpec]:
 ARCHS: dict[str, ArchSpec] = _specs()
 
 
-def _one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line (user code may raise multi-line messages)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
-
-
 def _import_factory(arch: str) -> Callable[..., Any]:
     """Import ``module:attr[.attr]``; the current directory is searchable, as for ``python -m``."""
     module_name, _, attr_path = arch.partition(":")
@@ -133,7 +127,8 @@ def _import_factory(arch: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, SyntaxError, or any error raised by the module body
         raise InputError(
-            f"--arch {arch}: cannot import {module_name!r}: {_one_line(exc)}"
+            f"--arch {arch}: cannot import {module_name!r}: {type(exc).__name__}: "
+            f"{one_line(exc, 300, join=True)}"
         ) from None
     finally:
         if cwd_added and os.getcwd() in sys.path:
@@ -267,7 +262,8 @@ def build_model(
     except InputError:
         raise
     except Exception as exc:  # a user factory's own failure: report it on one line
-        raise InputError(f"--arch {spec.name}: factory failed: {_one_line(exc)}") from None
+        raise InputError(f"--arch {spec.name}: factory failed: {type(exc).__name__}: "
+                         f"{one_line(exc, 300, join=True)}") from None
     if not isinstance(model, nn.Module):
         raise InputError(
             f"--arch {spec.name}: factory returned a {type(model).__name__}, not an nn.Module"
@@ -427,7 +423,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
         with torch.no_grad():
             model(torch.zeros((1, *input_size), device=device, dtype=dtype))
     except Exception as exc:  # shape errors from the model: the size does not fit it
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first_line = one_line(exc)
         raise InputError(
             f"{_arch_name(model)} cannot run on an input of size {tuple(input_size)}: "
             f"{first_line[:200]}"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..output import open_output
 from ..plans import check_schema, require
 
@@ -177,7 +177,7 @@ def replay_history(model: torch.nn.Module, history: list[Any],
         graph.load_pruning_history([[str(n), bool(o), [int(i) for i in idx]]
                                     for n, o, idx in history])
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = one_line(exc, 160)
         raise InputError(f"cannot replay the pruning history on this architecture ({first}); "
                          "is it the one the checkpoint was pruned from?") from None
     finally:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from .record import example_input
 
 IMPORTANCES: tuple[str, ...] = ("l2", "l1", "lamp", "bn-scale", "taylor")
@@ -95,7 +95,7 @@ def find_groups(model: nn.Module, input_size: Sequence[int],
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input(input_size, model), verbose=False)
     except Exception as exc:  # a model Torch-Pruning cannot trace: a user arch
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = one_line(exc, 160)
         raise InputError(f"Torch-Pruning cannot trace this model: {first}") from None
     finally:
         model.train(training)
