@@ -7,6 +7,7 @@ imports htsr, and a figure is freed as soon as it goes out of scope.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 from collections.abc import Sequence
@@ -204,3 +205,15 @@ def outside_legend(fig: Any, handles: list[Any], labels: list[str]) -> None:
     ncols = min(len(handles), max(2, int(fig.get_figwidth() / 2.3)))
     fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8,
                frameon=False)
+
+
+def select_layers(available: Sequence[str], globs: Sequence[str]) -> list[str]:
+    """Layers matching any glob, in model order; every glob must match something."""
+    if not globs:
+        return list(available)
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(n, g) for n in available):
+            listed = ", ".join(available[:6]) + (", ..." if len(available) > 6 else "")
+            raise InputError(f"--layer {g!r} matches no layer ({len(available)} layers: "
+                             f"{listed})")
+    return [n for n in available if any(fnmatch.fnmatchcase(n, g) for g in globs)]

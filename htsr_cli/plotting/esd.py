@@ -10,7 +10,6 @@ histogram. On log-log axes the line's slope is ``-alpha``. With log bins one bin
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from .common import (
     output_format,
     outside_legend,
     save,
+    select_layers,
     shorten,
 )
 
@@ -124,18 +124,6 @@ def esd_panel(name: str, evals: np.ndarray, row: dict[str, Any], *, fit: str,
     if fitted and n_fit:
         panel.line_x, panel.line_y = power_law_line(alpha, xmin, xmax, n_tail / n_fit)
     return panel
-
-
-def select_layers(available: Sequence[str], globs: Sequence[str]) -> list[str]:
-    """Layers matching any glob, in model order; every glob must match something."""
-    if not globs:
-        return list(available)
-    for g in globs:
-        if not any(fnmatch.fnmatchcase(n, g) for n in available):
-            listed = ", ".join(available[:6]) + (", ..." if len(available) > 6 else "")
-            raise InputError(f"--layer {g!r} matches no layer ({len(available)} layers: "
-                             f"{listed})")
-    return [n for n in available if any(fnmatch.fnmatchcase(n, g) for g in globs)]
 
 
 def _draw(ax: Any, p: ESDPanel) -> None:

@@ -7,7 +7,6 @@ in progress too (``final.json`` optional); ``tradeoff`` needs finished runs.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from .common import (
     outside_legend,
     path_labels,
     save,
+    select_layers,
     series_labels,
     shorten,
 )
@@ -130,12 +130,6 @@ class HistoryPlot:
     notes: list[str] = field(default_factory=list)
 
 
-def _pick(names: Sequence[str], globs: Sequence[str]) -> list[str]:
-    if not globs:
-        return list(names)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
-
-
 def _per_layer(ax: Any, runs: list[RunHistory], attr: str, layers: list[str], fig: Any,
                ylabel: str) -> None:
     """Layer curves across epochs: coloured by depth for one run; for several runs thin
@@ -207,10 +201,7 @@ def plot_history(
         run.label = lab
     all_layers = list(dict.fromkeys(n for r in runs for n in r.metric))
     lr_groups = list(dict.fromkeys(n for r in runs for n in r.lr if n != "base"))
-    chosen = _pick(all_layers or lr_groups, layers)
-    if layers and not chosen:
-        raise InputError(f"--layer {list(layers)} matches no layer of the runs "
-                         f"({len(all_layers or lr_groups)} layers)")
+    chosen = select_layers(all_layers or lr_groups, layers)
     metric_name = next((r.metric_name for r in runs if r.metric_name), "metric")
     notes: list[str] = []
     if per_layer:
