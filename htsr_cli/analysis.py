@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from . import spectrum
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
+from .columns import DEFAULT_MIN_EVALS, DEFAULT_SEED
 from .errors import InputError
 from .fit import FIT_MODES, fit_power_law
 from .gates import GateResult, evaluate_gates, parse_gate
@@ -34,8 +35,6 @@ from .metrics import FIT_METRICS, METRICS, layer_metrics
 from .output import jsonable
 
 SCHEMA = "htsr.analysis/1"
-DEFAULT_MIN_EVALS = 8
-DEFAULT_SEED = 0
 #: Below this many fitted eigenvalues alpha is a small-sample estimate: flagged.
 SMALL_SAMPLE = 50
 #: alpha outside [2, 6]: WeightWatcher's over-/under-trained warnings.

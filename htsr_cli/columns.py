@@ -22,3 +22,7 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
     "N", "M", "Q", "rf", "num_evals", "xmin", "xmax", "D", "sigma", "num_pl_spikes",
     "matrix_rank",
 )  # fmt: skip
+
+#: analyze's defaults, here so that the CLI reads them without importing torch.
+DEFAULT_MIN_EVALS = 8  # WeightWatcher's
+DEFAULT_SEED = 0

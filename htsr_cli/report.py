@@ -136,9 +136,11 @@ def run_analysis(
     stderr: Console | None = None,
     **options: Any,
 ) -> Analysis:
-    """Analyse ``source`` (see :func:`analyze` for ``options``) and write the result.
+    """Analyse ``source`` (see :func:`analyze` for ``options``), write the result and print
+    the ``--fail-if`` gates on stderr. The caller turns ``result.failed_gates`` into exit 1.
 
     Args:
+        source: a checkpoint, or None for the built-in demo checkpoint.
         fmt: ``table``, ``json``, ``csv`` or ``ndjson``; None chooses (see
             :func:`choose_format`).
         output: a file path (written atomically), ``-`` or None for stdout.
@@ -146,6 +148,10 @@ def run_analysis(
         stderr: console for progress and notes (defaults to sys.stderr).
     """
     err = stderr or Console(stderr=True, highlight=False)
+    if source is None:
+        from .data import default_checkpoint
+
+        source = str(default_checkpoint())
     fmt = choose_format(fmt, output, sys.stdout.isatty())
     check_writable(output, [source])
     with open_output(output) as fh:
@@ -164,6 +170,7 @@ def run_analysis(
             write_csv(result, fh)
         else:
             write_table(result, fh, (output is None or output == "-") and sys.stdout.isatty())
+    print_gates(result.gates, err)
     return result
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..columns import METRICS
+from ..columns import DEFAULT_MIN_EVALS, DEFAULT_SEED, METRICS
 from ..errors import EXIT_GATE_FAILED
 from . import options
 from .app import app
@@ -42,8 +42,10 @@ def analyze_command(
     layers: list[str] = options.layers(),
     exclude: list[str] = options.exclude(),
     min_evals: int = typer.Option(
-        8, "--min-evals", help="Skip (and list) layers with fewer pooled eigenvalues."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the shuffles behind rand_distance."),
+        DEFAULT_MIN_EVALS, "--min-evals",
+        help="Skip (and list) layers with fewer pooled eigenvalues."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed",
+                             help="Seed of the shuffles behind rand_distance."),
     fail_if: list[str] = typer.Option(
         [], "--fail-if",
         help="CI gate (repeatable): 'alpha > 6', 'mean(alpha) > 4.5', 'count(alpha < 2) > 3', "
@@ -60,18 +62,12 @@ def analyze_command(
     from .. import digest
 
     digest.prefetch(checkpoint)  # the file's sha256 runs beside the torch import that follows
-    from rich.console import Console
+    from ..report import run_analysis
 
-    from ..data import default_checkpoint
-    from ..report import print_gates, run_analysis
-
-    err = Console(stderr=True, highlight=False)
     result = run_analysis(
-        checkpoint if checkpoint is not None else str(default_checkpoint()),
-        fmt=fmt, output=output, progress=progress, stderr=err,
+        checkpoint, fmt=fmt, output=output, progress=progress,
         fit=fit, metrics=metrics, device=device, layers=layers, exclude=exclude,
         min_evals=min_evals, seed=seed, fail_if=fail_if, trust_pickle=trust_pickle, jobs=jobs,
     )
-    print_gates(result.gates, err)
     if result.failed_gates:
         raise typer.Exit(EXIT_GATE_FAILED)
