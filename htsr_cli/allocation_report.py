@@ -143,9 +143,6 @@ def run_allocate(source: Any, *, fmt: str | None = None, output: str | None = No
     """
     fmt = choose_plan_format(fmt, output, sys.stdout.isatty())
     check_writable(output, [source])
-    if str(source) == "-" and sys.stdin is not None and sys.stdin.isatty():
-        raise InputError("SOURCE is '-' but stdin is a terminal: pipe an analysis in, e.g. "
-                         "htsr analyze m.safetensors --format json | htsr allocate - --lr 0.1")
     plan = allocate(source, **kwargs)
     to_terminal = (output is None or output == "-") and sys.stdout.isatty()
     write_plan(plan, fmt, output, color=to_terminal and "NO_COLOR" not in os.environ)

@@ -24,6 +24,11 @@ LR_PLAN_SCHEMA = "htsr.lr-plan/1"
 def read_json(source: str | Path) -> tuple[dict[str, Any], str]:
     """Parse a JSON document from a path or ``-`` (stdin); returns (document, label)."""
     label = "stdin" if str(source) == "-" else str(source)
+    if str(source) == "-" and sys.stdin is not None and sys.stdin.isatty():
+        # Reading would wait for typed JSON: nobody means that.
+        raise InputError("'-' reads a document from stdin, but stdin is a terminal: pipe one "
+                         "in, e.g. htsr analyze m.safetensors --format json | htsr allocate - "
+                         "--lr 0.1")
     try:
         if str(source) == "-":
             text = sys.stdin.read()

@@ -172,9 +172,6 @@ def run_prune(source: Any, *, fmt: str = "table", output: str | None = None,
 
     if fmt not in PLAN_FORMATS:
         raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(PLAN_FORMATS)}")
-    if str(source) == "-" and sys.stdin is not None and sys.stdin.isatty():
-        raise InputError("SOURCE is '-' but stdin is a terminal: pipe an analysis in, e.g. "
-                         "htsr analyze m.safetensors --format json | htsr prune - --sparsity 0.5")
     err = stderr or Console(stderr=True, highlight=False)
     with _Progress(err, progress) as on_progress:
         plan = prune(source, output=output, on_progress=on_progress, **kwargs)
