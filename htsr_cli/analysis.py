@@ -30,7 +30,7 @@ from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .columns import DEFAULT_MIN_EVALS, DEFAULT_SEED
 from .errors import InputError
 from .fit import FIT_MODES, fit_power_law
-from .gates import GateResult, evaluate_gates, parse_gate
+from .gates import GateResult, evaluate_gates, parse_gate, require_metrics
 from .metrics import FIT_METRICS, METRICS, layer_metrics
 from .output import jsonable
 
@@ -264,11 +264,7 @@ def analyze(
         raise InputError(f"--min-evals must be a positive integer, got {min_evals}")
     names = parse_metrics(metrics)
     gates = [parse_gate(g) for g in fail_if]  # malformed gates fail before any work
-    for gate in gates:
-        missing = [m for m in gate.metrics if m in METRICS and m not in names]
-        if missing:
-            raise InputError(f"--fail-if {gate.text!r} needs metric {missing[0]}, which was not "
-                             "computed (add it to --metrics)")
+    require_metrics(gates, names)
     dev = resolve_device(device)
     workers, blas_threads = parallelism(dev, jobs)
     t0 = time.perf_counter()

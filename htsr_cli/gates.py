@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
@@ -243,12 +243,19 @@ def _aggregate(agg: str, rows: list[tuple[str, float]]) -> tuple[float, list[dic
         return float(fn(values)), []
 
 
+def require_metrics(gates: Sequence[Gate], computed: Collection[str]) -> None:
+    """Refuse a gate on one of the ten metrics that is not ``computed`` (analyze calls this
+    before any work; :func:`evaluate_gates` with the columns the layers have)."""
+    for gate in gates:
+        missing = [m for m in gate.metrics if m in METRICS and m not in computed]
+        if missing:
+            raise InputError(f"--fail-if {gate.text!r} needs metric {missing[0]}, which was "
+                             "not computed (add it to --metrics)")
+
+
 def _evaluate(gate: Gate, layers: Sequence[Mapping[str, Any]]) -> GateResult:
-    if layers and not any(gate.metric in layer for layer in layers):
-        raise InputError(
-            f"--fail-if {gate.text!r} needs metric {gate.metric}, which was not computed "
-            f"(add it to --metrics)"
-        )
+    if layers:
+        require_metrics([gate], {key for layer in layers for key in layer})
     rows = [
         (str(layer.get("name", "")), _as_float(layer.get(gate.metric)))
         for layer in layers
