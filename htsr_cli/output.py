@@ -141,11 +141,17 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def dump_json(doc: Mapping[str, Any], fh: TextIO) -> None:
+    """A JSON document (NaN as null, indented, one trailing newline) to an open file: the
+    one format of every JSON document htsr writes."""
+    json.dump(jsonable(doc), fh, indent=2, allow_nan=False)
+    fh.write("\n")
+
+
 def write_json(doc: Mapping[str, Any], path: str | os.PathLike | None) -> None:
-    """Write a JSON document (NaN as null) to ``path`` atomically, or to stdout."""
+    """Write a JSON document to ``path`` atomically, or to stdout (see :func:`dump_json`)."""
     with open_output(path) as fh:
-        json.dump(jsonable(doc), fh, indent=2, allow_nan=False)
-        fh.write("\n")
+        dump_json(doc, fh)
 
 
 _EXT_FORMATS = {".json": "json", ".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson",

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .analysis import SCHEMA, Analysis, analyze
-from .output import check_writable, jsonable, open_output
+from .output import check_writable, dump_json, jsonable, open_output
 from .output import choose_format as output_format
 
 FORMATS = ("table", "json", "csv", "ndjson")
@@ -35,11 +35,6 @@ def columns(analysis: Analysis) -> list[str]:
     for row in analysis.layers:
         seen.update(dict.fromkeys(row))
     return list(seen) or ["name"]
-
-
-def write_json(analysis: Analysis, fh: TextIO) -> None:
-    json.dump(analysis.to_dict(), fh, indent=2, allow_nan=False)
-    fh.write("\n")
 
 
 def write_csv(analysis: Analysis, fh: TextIO) -> None:
@@ -165,7 +160,7 @@ def run_analysis(
         if fmt == "ndjson":
             fh.write(ndjson_summary(result) + "\n")
         elif fmt == "json":
-            write_json(result, fh)
+            dump_json(result.to_dict(), fh)
         elif fmt == "csv":
             write_csv(result, fh)
         else:
@@ -218,4 +213,4 @@ def print_gates(results: Sequence[Any], console: Console) -> None:
 
 
 __all__ = ["FORMATS", "SCHEMA", "choose_format", "run_analysis", "print_gates",
-           "write_json", "write_csv", "write_table", "ndjson_record", "ndjson_summary"]
+           "write_csv", "write_table", "ndjson_record", "ndjson_summary"]

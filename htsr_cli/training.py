@@ -436,9 +436,8 @@ def run_finetune(*, resume: str | None = None, stop_after: int | None = None,
     """``htsr finetune``: build the configuration from the command line (or the run's args.json
     with ``resume``), train here or hand over to torchrun, and print the summary on stdout
     (JSON when stdout is not a terminal). Returns the exit status."""
-    import json
 
-    from .output import jsonable
+    from .output import dump_json
 
     given = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
@@ -462,7 +461,7 @@ def run_finetune(*, resume: str | None = None, stop_after: int | None = None,
                              f"{doc['params']} nonzero parameters; run directory "
                              f"{config.output}\n")
         else:
-            sys.stdout.write(json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n")
+            dump_json(doc, sys.stdout)
     return 0
 
 
