@@ -195,6 +195,15 @@ def test_bad_options_exit_2_with_one_line(capsys, args, needle):
     assert needle in _error(capsys, CKPT, *args)
 
 
+def test_a_plan_with_a_malformed_target_names_the_target(capsys, tmp_path):
+    plan = {"schema": "htsr.prune-plan/1", "method": "uniform", "target": {"sparsity": "half"},
+            "layers": [{"name": "features.2", "budget": 0.5}]}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    line = _error(capsys, CKPT, "--plan", str(path))
+    assert "target.sparsity must be a number in [0, 1), got 'half'" in line
+
+
 def test_a_plan_naming_layers_the_model_lacks(capsys, tmp_path):
     plan = {"schema": "htsr.prune-plan/1", "method": "uniform", "target": {"sparsity": 0.5},
             "layers": [{"name": "encoder.block.0", "budget": 0.5}]}

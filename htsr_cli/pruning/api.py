@@ -12,7 +12,7 @@ from .. import budgets as B
 from ..columns import METRICS
 from ..errors import InputError
 from ..output import check_writable
-from ..plans import finite, is_analysis_document, read_analysis
+from ..plans import is_analysis_document, read_analysis
 from .layers import (
     Layer,
     method_budgets,
@@ -177,8 +177,7 @@ def prune(
     if plan is not None:
         plan_doc, plan_label = read_plan(plan)
         if sparsity is None and keep_params is None:
-            target = plan_doc["target"]
-            sparsity = finite(target.get("sparsity") if isinstance(target, Mapping) else None)
+            sparsity = float(plan_doc["target"]["sparsity"])  # read_plan checked it
     _check_target(sparsity, keep_params)
     document = is_analysis_document(source)
     if document and analysis is not None:

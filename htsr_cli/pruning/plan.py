@@ -113,6 +113,11 @@ def read_plan(source: str | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         doc, label = read_json(source)
     check_schema(doc, PLAN_SCHEMA, label)
     require(doc, ("method", "target", "layers"), label)
+    target = doc["target"]
+    sparsity = finite(target.get("sparsity")) if isinstance(target, Mapping) else math.nan
+    if not (math.isfinite(sparsity) and 0 <= sparsity < 1):
+        raise InputError(f"{label}: target.sparsity must be a number in [0, 1), got "
+                         f"{target.get('sparsity') if isinstance(target, Mapping) else target!r}")
     layers = doc["layers"]
     if not isinstance(layers, list) or not layers or not all(isinstance(x, dict) for x in layers):
         raise InputError(f"{label}: 'layers' must be a non-empty list of objects")
