@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import budgets as B
 from ..checkpoint import KEY_ORDER_META, Checkpoint, open_checkpoint, save_safetensors
-from ..errors import HtsrError, InputError, one_line
+from ..errors import InputError, one_line
 from ..plans import read_analysis
 from .layers import Layer, checkpoint_layers, guess_classifier
 from .plan import GroupPlan, PrunePlan
@@ -273,8 +273,9 @@ def _verify_reload(ctx: Context, model: nn.Module, history: list[Any]) -> None:
     try:
         fresh.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as exc:
-        raise HtsrError(f"internal error: the pruning history does not rebuild the pruned "
-                        f"shapes ({one_line(exc, 160)})") from None
+        # A bug, not bad input: the CLI reports it as an internal error (exit 3).
+        raise RuntimeError(f"the pruning history does not rebuild the pruned shapes "
+                           f"({one_line(exc, 160)})") from None
 
 
 def run_structured(ctx: Context, result: PrunePlan, prunable: Sequence[Layer],
