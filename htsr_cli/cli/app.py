@@ -1,7 +1,7 @@
 """The typer application and the entry point that maps errors to exit codes.
 
 Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error (one line on stderr),
-141 the reader of stdout closed the pipe.
+3 internal error (a bug, one line), 130 interrupted, 141 the reader of stdout closed the pipe.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from ..errors import (
 app = typer.Typer(
     name="htsr",
     help="Heavy-Tailed Self-Regularization metrics for neural-network checkpoints.\n\n"
-    "Exit codes: 0 ok, 1 a --fail-if gate failed, 2 usage or input error.",
+    "Exit codes: 0 ok, 1 a --fail-if gate failed, 2 usage or input error, 3 internal error "
+    "(a bug; HTSR_DEBUG=1 shows the traceback).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
