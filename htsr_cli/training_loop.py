@@ -69,15 +69,23 @@ class _Batches:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The epoch's random numbers are drawn up front, in the order batch after batch would
+        # draw them, and copied to the device once: a small host-to-device copy per step makes
+        # the host wait for the GPU at every step.
         perm = torch.randperm(self.train_x.shape[0], generator=gen)[:self.usable]
-        for start in range(0, self.usable, self.batch):
-            idx = perm[start:start + self.batch]
-            params = crop_flip(len(idx), self.pad, self.flip, gen) if self.pad else None
-            share = len(idx) // self.world
-            mine = slice(self.rank * share, (self.rank + 1) * share)
-            local = idx[mine].to(self.train_x.device)
-            sliced = None if params is None else tuple(p[mine] for p in params)
+        sizes = [min(self.batch, self.usable - s) for s in range(0, self.usable, self.batch)]
+        drawn = [crop_flip(k, self.pad, self.flip, gen) for k in sizes] if self.pad else []
+        perm = perm.to(self.train_x.device)
+        # dy, dx and flips of the whole epoch, one tensor each
+        params = [torch.cat(column).to(self.device) for column in zip(*drawn, strict=True)]
+        start = 0
+        for k in sizes:
+            share = k // self.world
+            mine = slice(start + self.rank * share, start + (self.rank + 1) * share)
+            local = perm[mine]
+            sliced = tuple(p[mine] for p in params) if params else None
             yield self.prepare(self.train_x[local], sliced), self.train_y[local].to(self.device)
+            start += k
 
     def test(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = torch.arange(self.rank, self.test_x.shape[0], self.world)
