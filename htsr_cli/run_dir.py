@@ -189,6 +189,17 @@ class RunDir:
     def write_final(self, doc: Mapping[str, Any]) -> None:
         write_json({**doc, "schema": RUN_SCHEMA}, self.file(FINAL))
 
+    def read_final(self, *, required: bool = True) -> dict[str, Any] | None:
+        """``final.json`` (``htsr.run/1``); None when absent and not ``required``."""
+        path = self.file(FINAL)
+        if not path.exists():
+            if required:
+                raise InputError(f"{self.path}: no {FINAL} (not a finished htsr finetune run?)")
+            return None
+        doc, label = read_json(path)
+        check_schema(doc, RUN_SCHEMA, label)
+        return doc
+
     def drop_final(self) -> None:
         """A finished run being extended is unfinished again."""
         with contextlib.suppress(FileNotFoundError):

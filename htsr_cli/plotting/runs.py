@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..plans import check_schema, finite, read_json, require
-from ..run_dir import FINAL, HISTORY, RUN_SCHEMA, RunDir
+from ..plans import finite, require
+from ..run_dir import FINAL, HISTORY, RunDir
 from .common import (
     DEFAULT_DPI,
     DEPTH_CMAP,
@@ -70,14 +70,7 @@ def _run_dir(path: str | os.PathLike) -> Path:
 
 def read_final(run_dir: str | os.PathLike, *, required: bool = True) -> dict[str, Any] | None:
     """``final.json`` of a run (``htsr.run/1``); None when absent and not ``required``."""
-    p = _run_dir(run_dir) / FINAL
-    if not p.exists():
-        if required:
-            raise InputError(f"{p.parent}: no final.json (not a finished htsr finetune run?)")
-        return None
-    doc, label = read_json(p)
-    check_schema(doc, RUN_SCHEMA, label)
-    return doc
+    return RunDir(_run_dir(run_dir)).read_final(required=required)
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> dict[str, np.ndarray]:
@@ -326,7 +319,7 @@ def plot_tradeoff(
         raise InputError("no run directory given")
     finals = []
     for d in run_dirs:
-        doc = read_final(d) or {}
+        doc = read_final(d)
         require(doc, ("method", "params", "params_total", "test_acc"), str(Path(d) / FINAL))
         acc_key = "best_test_acc" if best and "best_test_acc" in doc else "test_acc"
         params, total, acc = (finite(doc[k]) for k in ("params", "params_total", acc_key))
