@@ -68,7 +68,7 @@ WTE = ("wte", (50257, 1024))
 # The child-process wrapper. argv: SIDE_FILE KIND ARGS...; it writes {"maxrss_kb", "peak_anon_kb",
 # "peak_file_kb", "rc", "extra"} to SIDE_FILE whatever happens.
 # --------------------------------------------------------------------------------------------
-_RUNNER = r'''
+_RUNNER = r"""
 import json, re, resource, sys, threading, time
 _side, _kind, _args = sys.argv[1], sys.argv[2], sys.argv[3:]
 _peak = {"RssAnon": 0, "RssFile": 0}
@@ -93,7 +93,7 @@ rc, extra = 0, {}
 try:
     if _kind == "floor":
         import numpy, safetensors, torch  # noqa
-        import htsr_cli.analysis, htsr_cli.cli, htsr_cli.report  # noqa
+        import htsr_cli.engine.analysis, htsr_cli.cli, htsr_cli.engine.report  # noqa
     elif _kind == "htsr":
         from htsr_cli.cli import main
         try:
@@ -204,7 +204,7 @@ finally:
                    "sys_s": _ru.ru_stime, "majflt": _ru.ru_majflt,
                    "peak_anon_kb": _peak["RssAnon"], "peak_file_kb": _peak["RssFile"],
                    "rc": rc, "extra": extra}, fh)
-'''
+"""
 
 
 @dataclass
@@ -229,8 +229,10 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def rss_text(self) -> str:
-        return (f"peak RSS {self.maxrss_mib:5.0f} MiB (anon {self.anon_mib:4.0f}, "
-                f"file-backed {self.file_mib:4.0f})")
+        return (
+            f"peak RSS {self.maxrss_mib:5.0f} MiB (anon {self.anon_mib:4.0f}, "
+            f"file-backed {self.file_mib:4.0f})"
+        )
 
 
 def log(text: str = "") -> None:
@@ -241,21 +243,29 @@ def log(text: str = "") -> None:
 # Checkpoint writing: a streaming safetensors writer (one tensor in memory at a time).
 # --------------------------------------------------------------------------------------------
 
+
 def _header(tensors: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
     head: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for key, shape in tensors:
         nbytes = 4 * math.prod(shape)
-        head[key] = {"dtype": "F32", "shape": list(shape),
-                     "data_offsets": [offset, offset + nbytes]}
+        head[key] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(head, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...]]],
-                      rng: np.random.Generator, metadata: dict[str, str]) -> int:
+def write_safetensors(
+    path: str,
+    tensors: list[tuple[str, tuple[int, ...]]],
+    rng: np.random.Generator,
+    metadata: dict[str, str],
+) -> int:
     """Write Student-t(df=4)*0.02 float32 tensors in the given order; returns the file size."""
     tmp = path + ".partial"
     with open(tmp, "wb") as fh:
@@ -284,8 +294,13 @@ def block_tensors(blocks: int) -> list[tuple[str, tuple[int, ...]]]:
 def build_checkpoint(workdir: str, blocks: int, seed: int) -> tuple[str, bool]:
     """The main benchmark checkpoint; reused when a matching one is already in workdir."""
     path = os.path.join(workdir, f"gpt2-medium-shaped-{blocks}blocks-seed{seed}.safetensors")
-    meta = {"format": "pt", "generator": "benchmarks/analyze_vs_weightwatcher.py",
-            "blocks": str(blocks), "seed": str(seed), "dist": f"student_t(df={DF})*{SCALE}"}
+    meta = {
+        "format": "pt",
+        "generator": "benchmarks/analyze_vs_weightwatcher.py",
+        "blocks": str(blocks),
+        "seed": str(seed),
+        "dist": f"student_t(df={DF})*{SCALE}",
+    }
     if read_metadata(path) == meta:
         return path, True
     write_safetensors(path, block_tensors(blocks), np.random.default_rng(seed), meta)
@@ -369,8 +384,9 @@ def run_child(kind: str, args: list[str], workdir: str) -> tuple[float, dict[str
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     b0 = busy_seconds()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          env=os.environ.copy())
+    proc = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=os.environ.copy()
+    )
     seconds = time.perf_counter() - t0
     b1 = busy_seconds()
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -381,8 +397,9 @@ def run_child(kind: str, args: list[str], workdir: str) -> tuple[float, dict[str
         info = {"rc": proc.returncode or 98}
     if proc.returncode != 0 or info.get("rc", 0) != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"child '{kind} {' '.join(args)}' failed (exit {proc.returncode}, "
-                         f"rc {info.get('rc')})")
+        raise SystemExit(
+            f"child '{kind} {' '.join(args)}' failed (exit {proc.returncode}, rc {info.get('rc')})"
+        )
     # CPU of the whole child process, start-up to exit (the side file's figure stops earlier).
     info["cpu_s"] = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
     other = 0.0 if b0 is None or b1 is None else max(0.0, b1 - b0 - info["cpu_s"])
@@ -404,7 +421,8 @@ def measure(jobs: list[Job], workdir: str, repeat: int, max_wait: float) -> list
                 f"  [run {r + 1}/{repeat}] {job.label}: {seconds:.1f} s wall, "
                 f"{info['cpu_s']:.1f} s cpu; other processes used {info['other_cpus']:.2f} "
                 f"CPUs meanwhile{' (CONTENDED)' if info['other_cpus'] > CONTENDED else ''}"
-                f"{f'; waited {waited:.0f} s for idle' if waited > 1.5 else ''}\n")
+                f"{f'; waited {waited:.0f} s for idle' if waited > 1.5 else ''}\n"
+            )
     result = []
     for job, out in zip(jobs, runs, strict=True):
         infos = [i for _, i in out]
@@ -412,20 +430,25 @@ def measure(jobs: list[Job], workdir: str, repeat: int, max_wait: float) -> list
         extra = dict(infos[-1].get("extra", {}))
         if "analyze_s" in extra:
             extra["analyze_s"] = statistics.median(i["extra"]["analyze_s"] for _, i in clean)
-        result.append(Measurement(
-            label=job.label, seconds=statistics.median(t for t, _ in clean),
-            times=[t for t, _ in out],
-            contended=[i["other_cpus"] > CONTENDED for i in infos],
-            maxrss_mib=max(i["maxrss_kb"] for i in infos) / 1024,
-            anon_mib=max(i["peak_anon_kb"] for i in infos) / 1024,
-            file_mib=max(i["peak_file_kb"] for i in infos) / 1024,
-            cpu_s=statistics.median(i["cpu_s"] for _, i in clean),
-            extra=extra))
+        result.append(
+            Measurement(
+                label=job.label,
+                seconds=statistics.median(t for t, _ in clean),
+                times=[t for t, _ in out],
+                contended=[i["other_cpus"] > CONTENDED for i in infos],
+                maxrss_mib=max(i["maxrss_kb"] for i in infos) / 1024,
+                anon_mib=max(i["peak_anon_kb"] for i in infos) / 1024,
+                file_mib=max(i["peak_file_kb"] for i in infos) / 1024,
+                cpu_s=statistics.median(i["cpu_s"] for _, i in clean),
+                extra=extra,
+            )
+        )
     return result
 
 
-def show(m: Measurement, width: int, lower: Measurement | None = None,
-         target: float | None = None) -> None:
+def show(
+    m: Measurement, width: int, lower: Measurement | None = None, target: float | None = None
+) -> None:
     ratio = ""
     if lower is not None:
         ratio = f"{m.seconds / lower.seconds:5.2f}x lower bound"
@@ -435,7 +458,8 @@ def show(m: Measurement, width: int, lower: Measurement | None = None,
     reps = ""
     if len(m.times) > 1 or any(m.contended):
         reps = "   runs: " + ", ".join(
-            f"{t:.1f}{'*' if c else ''}" for t, c in zip(m.times, m.contended, strict=True))
+            f"{t:.1f}{'*' if c else ''}" for t, c in zip(m.times, m.contended, strict=True)
+        )
         if all(m.contended):
             reps += " (all contended!)"
     cpu = f"cpu {m.cpu_s:6.1f} s"
@@ -446,17 +470,25 @@ def show(m: Measurement, width: int, lower: Measurement | None = None,
 
 # --------------------------------------------------------------------------------------------
 
+
 def environment_summary() -> None:
     log(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    log(f"host: nproc={os.cpu_count()} (sched affinity {len(os.sched_getaffinity(0))}), "
-        f"{_cpu_model()}, {_mem_total()}, {platform.platform()}")
+    log(
+        f"host: nproc={os.cpu_count()} (sched affinity {len(os.sched_getaffinity(0))}), "
+        f"{_cpu_model()}, {_mem_total()}, {platform.platform()}"
+    )
     log(f"python {platform.python_version()} ({sys.executable})")
     import safetensors
     import torch
-    versions = [f"numpy {np.__version__}", f"torch {torch.__version__}",
-                f"safetensors {safetensors.__version__}"]
+
+    versions = [
+        f"numpy {np.__version__}",
+        f"torch {torch.__version__}",
+        f"safetensors {safetensors.__version__}",
+    ]
     try:
         from importlib.metadata import version
+
         versions.append(f"weightwatcher {version('weightwatcher')}")
         versions.append(f"htsr {version('htsr')}")
     except Exception:  # noqa: BLE001 - informative only
@@ -464,32 +496,51 @@ def environment_summary() -> None:
     log("versions: " + ", ".join(versions))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "-C", repo, "log", "-1", "--format=%h %cd", "--date=iso"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "htsr_cli"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        log(f"htsr source: commit {head}" + (" + uncommitted changes in htsr_cli/" if dirty
-                                             else " (htsr_cli/ clean)"))
+        head = subprocess.run(
+            ["git", "-C", repo, "log", "-1", "--format=%h %cd", "--date=iso"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain", "htsr_cli"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        log(
+            f"htsr source: commit {head}"
+            + (" + uncommitted changes in htsr_cli/" if dirty else " (htsr_cli/ clean)")
+        )
     except (OSError, subprocess.CalledProcessError):
         pass
-    env = {k: v for k, v in os.environ.items()
-           if re.match(r"(OPENBLAS|OMP|MKL|GOTO|BLIS|VECLIB|NUMEXPR)_", k)}
-    log("BLAS/threading env (passed unchanged to every child): "
-        + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "(none set)"))
-    log(f"torch: {torch.get_num_threads()} threads, "
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if re.match(r"(OPENBLAS|OMP|MKL|GOTO|BLIS|VECLIB|NUMEXPR)_", k)
+    }
+    log(
+        "BLAS/threading env (passed unchanged to every child): "
+        + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "(none set)")
+    )
+    log(
+        f"torch: {torch.get_num_threads()} threads, "
         f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
         f"MKL {'yes' if torch.backends.mkl.is_available() else 'no'}, "
-        f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
+        f"cuda {'yes' if torch.cuda.is_available() else 'no'}"
+    )
     try:
         import scipy.linalg  # noqa: F401 - loads scipy's own BLAS, as WeightWatcher does
         from threadpoolctl import threadpool_info
     except ImportError:
         log("threadpoolctl: not importable")
         return
-    pools = [f"{p.get('internal_api')}:{os.path.basename(p.get('filepath', ''))} "
-             f"{p.get('version') or ''} threads={p.get('num_threads')}"
-             + (f" coretype={p['architecture']}" if p.get("architecture") else "")
-             for p in threadpool_info()]
+    pools = [
+        f"{p.get('internal_api')}:{os.path.basename(p.get('filepath', ''))} "
+        f"{p.get('version') or ''} threads={p.get('num_threads')}"
+        + (f" coretype={p['architecture']}" if p.get("architecture") else "")
+        for p in threadpool_info()
+    ]
     log("threadpools (numpy, scipy, torch loaded): " + "; ".join(pools))
 
 
@@ -512,23 +563,27 @@ def _mem_total() -> str:
 
 
 def main_benchmark(args: argparse.Namespace, workdir: str) -> None:
-    from htsr_cli.metrics import METRICS
+    from htsr_cli.engine.metrics import METRICS
 
     t0 = time.perf_counter()
     path, reused = build_checkpoint(workdir, args.blocks, args.seed)
     shapes = block_tensors(args.blocks)
     largest = max(shapes, key=lambda t: math.prod(t[1]))
     size = os.path.getsize(path)
-    log(f"\ncheckpoint: {path}\n  {'reused' if reused else 'written'} in "
+    log(
+        f"\ncheckpoint: {path}\n  {'reused' if reused else 'written'} in "
         f"{time.perf_counter() - t0:.1f} s: {args.blocks} GPT-2-medium blocks, {len(shapes)} "
         f"float32 matrices in nn.Linear (out, in) layout, {size / MiB:.0f} MiB; largest single "
         f"tensor {largest[0]} {largest[1][0]}x{largest[1][1]} = "
-        f"{4 * math.prod(largest[1]) / MiB:.1f} MiB")
-    log("  each line: median wall time over --repeat whole processes (start-up, imports and "
+        f"{4 * math.prod(largest[1]) / MiB:.1f} MiB"
+    )
+    log(
+        "  each line: median wall time over --repeat whole processes (start-up, imports and "
         "file reading included), their median user+sys CPU time (and its ratio to the lower "
         "bound's), and the largest peak RSS; "
         f"runs marked * had other processes using > {CONTENDED} CPUs and are left out of the "
-        "median")
+        "median"
+    )
 
     nine = ",".join(m for m in METRICS if m != "rand_distance")
     dev = args.device
@@ -540,24 +595,36 @@ def main_benchmark(args: argparse.Namespace, workdir: str) -> None:
     if args.lower_bound != "auto":
         backends = [args.lower_bound]
     jobs = [Job("start-up floor (python + import torch, htsr)", "floor", [])]
-    jobs += [Job(f"lower bound ({b} eigvalsh, float64{', ' + tdev if b == 'torch' else ''})",
-                 f"lower-{b}", [path] if b == "numpy" else [path, tdev]) for b in backends]
+    jobs += [
+        Job(
+            f"lower bound ({b} eigvalsh, float64{', ' + tdev if b == 'torch' else ''})",
+            f"lower-{b}",
+            [path] if b == "numpy" else [path, tdev],
+        )
+        for b in backends
+    ]
     if dev == "cpu":
         jobs.append(Job("  for reference: numpy, one matrix per core", "parallel-numpy", [path]))
     jobs += [
         # alpha only: its JSON (a ~10 KB file) feeds the alpha check against WeightWatcher.
-        Job("htsr analyze (alpha only)", "htsr",
-            ["analyze", path, "--metrics", "alpha", "-o", out_alpha, *common]),
-        Job("htsr analyze (9 metrics, no rand_distance)", "htsr",
-            ["analyze", path, "--metrics", nine, "-o", "/dev/null", *common]),
-        Job("htsr analyze (all 10 metrics)", "htsr",
-            ["analyze", path, "-o", "/dev/null", *common]),
+        Job(
+            "htsr analyze (alpha only)",
+            "htsr",
+            ["analyze", path, "--metrics", "alpha", "-o", out_alpha, *common],
+        ),
+        Job(
+            "htsr analyze (9 metrics, no rand_distance)",
+            "htsr",
+            ["analyze", path, "--metrics", nine, "-o", "/dev/null", *common],
+        ),
+        Job("htsr analyze (all 10 metrics)", "htsr", ["analyze", path, "-o", "/dev/null", *common]),
     ]
     if not args.skip_ww:
         jobs.append(Job("weightwatcher 0.7.7 analyze()", "ww", [path, "default"]))
         if args.ww_randomize:
-            jobs.append(Job("weightwatcher 0.7.7 analyze(randomize=True)", "ww",
-                            [path, "randomize"]))
+            jobs.append(
+                Job("weightwatcher 0.7.7 analyze(randomize=True)", "ww", [path, "randomize"])
+            )
     for job in jobs:
         if job.kind == "htsr":
             log(f"  {job.label}: htsr {' '.join(job.args)}")
@@ -567,7 +634,7 @@ def main_benchmark(args: argparse.Namespace, workdir: str) -> None:
 
     W = 44
     show(res[jobs[0].label], W)
-    cands = {j.kind[len("lower-"):]: res[j.label] for j in jobs if j.kind.startswith("lower-")}
+    cands = {j.kind[len("lower-") :]: res[j.label] for j in jobs if j.kind.startswith("lower-")}
     best = min(cands, key=lambda b: cands[b].seconds)
     lower = cands[best]
     show(lower, W)
@@ -575,35 +642,46 @@ def main_benchmark(args: argparse.Namespace, workdir: str) -> None:
         if b != best:
             show(m, W, lower)
     if len(cands) > 1:
-        log("  lower-bound candidates: " + " | ".join(
-            f"{b} {m.seconds:.1f} s" for b, m in cands.items()) + f"  -> {best} is the bound")
+        log(
+            "  lower-bound candidates: "
+            + " | ".join(f"{b} {m.seconds:.1f} s" for b, m in cands.items())
+            + f"  -> {best} is the bound"
+        )
     parallel = res.get("  for reference: numpy, one matrix per core")
     if parallel is not None:
         show(parallel, W, lower)
-        log("    (the bound's work with one BLAS thread per matrix and the matrices spread over "
-            "the cores, as htsr runs it; not the target's reference)")
+        log(
+            "    (the bound's work with one BLAS thread per matrix and the matrices spread over "
+            "the cores, as htsr runs it; not the target's reference)"
+        )
     show(res["htsr analyze (alpha only)"], W, lower)
     h9 = res["htsr analyze (9 metrics, no rand_distance)"]
     show(h9, W, lower, 1.25)
     h10 = res["htsr analyze (all 10 metrics)"]
     show(h10, W, lower, 2.50)
     if parallel is not None:
-        log(f"  against the one-matrix-per-core reference: 9 metrics "
-            f"{h9.seconds / parallel.seconds:.2f}x, all 10 {h10.seconds / parallel.seconds:.2f}x")
+        log(
+            f"  against the one-matrix-per-core reference: 9 metrics "
+            f"{h9.seconds / parallel.seconds:.2f}x, all 10 {h10.seconds / parallel.seconds:.2f}x"
+        )
 
     if args.skip_ww:
         log("weightwatcher: skipped (--skip-ww)")
         return
     ww = res["weightwatcher 0.7.7 analyze()"]
     show(ww, W, lower)
-    log(f"  (of which WeightWatcher.analyze() itself: median {ww.extra['analyze_s']:.1f} s; the "
+    log(
+        f"  (of which WeightWatcher.analyze() itself: median {ww.extra['analyze_s']:.1f} s; the "
         "rest is "
-        "start-up and building the nn.Module)")
+        "start-up and building the nn.Module)"
+    )
     if args.ww_randomize:
         show(res["weightwatcher 0.7.7 analyze(randomize=True)"], W, lower)
-    log(f"weightwatcher analyze() time / htsr time: {ww.seconds / h9.seconds:.2f} (htsr 9 "
+    log(
+        f"weightwatcher analyze() time / htsr time: {ww.seconds / h9.seconds:.2f} (htsr 9 "
         f"metrics), {ww.seconds / h10.seconds:.2f} (htsr all 10; ww's default computes no "
-        "rand_distance)")
+        "rand_distance)"
+    )
 
     with open(out_alpha) as fh:
         ours = {row["name"]: row["alpha"] for row in json.load(fh)["layers"]}
@@ -619,10 +697,12 @@ def main_benchmark(args: argparse.Namespace, workdir: str) -> None:
             rel.append((abs(a - b) / abs(b), name))
     worst, worst_name = max(rel) if rel else (math.nan, "-")
     verdict = "ok" if worst <= 1e-3 and not missing else "MISMATCH"
-    log(f"alpha check: {len(common)} layers in both, max relative |alpha_htsr - alpha_ww| / "
+    log(
+        f"alpha check: {len(common)} layers in both, max relative |alpha_htsr - alpha_ww| / "
         f"alpha_ww = {worst:.2e} ({worst_name}: htsr {ours.get(worst_name)}, ww "
         f"{theirs.get(worst_name)}), tolerance 1e-3: {verdict}"
-        + (f"; only in one tool: {missing[:5]}" if missing else ""))
+        + (f"; only in one tool: {missing[:5]}" if missing else "")
+    )
 
 
 def memory_test(args: argparse.Namespace, workdir: str) -> None:
@@ -631,33 +711,60 @@ def memory_test(args: argparse.Namespace, workdir: str) -> None:
     total, largest = build_sharded(directory, args.memory_gb, args.memory_shards, args.seed)
     shards = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
     sizes = ", ".join(f"{os.path.getsize(os.path.join(directory, s)) / MiB:.0f}" for s in shards)
-    log(f"\nmemory test: {directory}\n  written in {time.perf_counter() - t0:.1f} s: "
+    log(
+        f"\nmemory test: {directory}\n  written in {time.perf_counter() - t0:.1f} s: "
         f"{len(shards)} shards + model.safetensors.index.json, {total / MiB:.0f} MiB in all "
         f"(shards {sizes} MiB); largest tensor {WTE[0]}.weight {WTE[1][0]}x{WTE[1][1]} float32 = "
-        f"{largest / MiB:.0f} MiB")
+        f"{largest / MiB:.0f} MiB"
+    )
     W = 44
-    floor, m = measure([
-        Job("start-up floor (python + import torch, htsr)", "floor", []),
-        Job("htsr analyze DIR --metrics alpha,stable_rank", "htsr",
-            ["analyze", directory, "--metrics", "alpha,stable_rank", "--format", "json",
-             "-o", "/dev/null", "--no-progress", "--device", args.device]),
-    ], workdir, 1, args.wait_idle)
+    floor, m = measure(
+        [
+            Job("start-up floor (python + import torch, htsr)", "floor", []),
+            Job(
+                "htsr analyze DIR --metrics alpha,stable_rank",
+                "htsr",
+                [
+                    "analyze",
+                    directory,
+                    "--metrics",
+                    "alpha,stable_rank",
+                    "--format",
+                    "json",
+                    "-o",
+                    "/dev/null",
+                    "--no-progress",
+                    "--device",
+                    args.device,
+                ],
+            ),
+        ],
+        workdir,
+        1,
+        args.wait_idle,
+    )
     show(floor, W)
     show(m, W)
     grow = m.maxrss_mib - floor.maxrss_mib
     grow_anon = m.anon_mib - floor.anon_mib
-    log(f"  checkpoint {total / MiB:.0f} MiB | largest tensor {largest / MiB:.0f} MiB | "
-        f"peak RSS {m.maxrss_mib:.0f} MiB = start-up {floor.maxrss_mib:.0f} + {grow:.0f} MiB")
-    log(f"  peak RSS above start-up = {grow / (largest / MiB):.1f}x the largest tensor = "
+    log(
+        f"  checkpoint {total / MiB:.0f} MiB | largest tensor {largest / MiB:.0f} MiB | "
+        f"peak RSS {m.maxrss_mib:.0f} MiB = start-up {floor.maxrss_mib:.0f} + {grow:.0f} MiB"
+    )
+    log(
+        f"  peak RSS above start-up = {grow / (largest / MiB):.1f}x the largest tensor = "
         f"{grow / (total / MiB):.2f}x the checkpoint size "
         f"(anonymous memory: +{grow_anon:.0f} MiB = {grow_anon / (largest / MiB):.1f}x largest "
-        f"tensor; file-backed mmap pages peak {m.file_mib:.0f} MiB)")
+        f"tensor; file-backed mmap pages peak {m.file_mib:.0f} MiB)"
+    )
     # float32 tensor + its float64 copy = 3x the tensor; allow 4x + 128 MiB of slack.
     limit = 4 * largest / MiB + 128
-    verdict = ("peak RSS follows the largest tensor, not the checkpoint size"
-               if grow <= limit and grow < 0.5 * total / MiB else
-               f"peak RSS grows beyond 4x the largest tensor + 128 MiB ({limit:.0f} MiB): "
-               "it does NOT only follow the largest tensor")
+    verdict = (
+        "peak RSS follows the largest tensor, not the checkpoint size"
+        if grow <= limit and grow < 0.5 * total / MiB
+        else f"peak RSS grows beyond 4x the largest tensor + 128 MiB ({limit:.0f} MiB): "
+        "it does NOT only follow the largest tensor"
+    )
     log(f"  verdict: {verdict}")
 
 
@@ -665,43 +772,83 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Example: python benchmarks/analyze_vs_weightwatcher.py --blocks 2 --skip-ww",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--blocks", type=int, default=24,
-                   help="GPT-2-medium blocks in the checkpoint (4 matrices each)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="runs per measurement; the median time is reported")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=24,
+        help="GPT-2-medium blocks in the checkpoint (4 matrices each)",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs per measurement; the median time is reported"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--workdir", default=None,
-                   help="where to write checkpoints (default: a new temporary directory); a "
-                        "matching checkpoint already there is reused")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the generated checkpoints (default: delete them at the end)")
-    p.add_argument("--device", default="cpu",
-                   help="passed to htsr --device; with cuda the lower bound uses torch on CUDA")
-    p.add_argument("--lower-bound", choices=("auto", "numpy", "torch"), default="auto",
-                   help="eigvalsh backend of the lower bound; auto tries both once on CPU and "
-                        "keeps the faster")
-    p.add_argument("--threads", type=int, default=None,
-                   help="set OMP/MKL/OPENBLAS_NUM_THREADS to this for every child (default: "
-                        "leave the environment unchanged)")
-    p.add_argument("--wait-idle", type=float, default=120.0, metavar="SECONDS",
-                   help="before each run, wait up to this long for other processes to leave "
-                        "the CPUs idle (0: do not wait); runs during which other processes "
-                        "were busy are marked * and left out of the median")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="where to write checkpoints (default: a new temporary directory); a "
+        "matching checkpoint already there is reused",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the generated checkpoints (default: delete them at the end)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="passed to htsr --device; with cuda the lower bound uses torch on CUDA",
+    )
+    p.add_argument(
+        "--lower-bound",
+        choices=("auto", "numpy", "torch"),
+        default="auto",
+        help="eigvalsh backend of the lower bound; auto tries both once on CPU and "
+        "keeps the faster",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="set OMP/MKL/OPENBLAS_NUM_THREADS to this for every child (default: "
+        "leave the environment unchanged)",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for other processes to leave "
+        "the CPUs idle (0: do not wait); runs during which other processes "
+        "were busy are marked * and left out of the median",
+    )
     p.add_argument("--skip-ww", action="store_true", help="do not run WeightWatcher (slow)")
-    p.add_argument("--ww-randomize", action="store_true",
-                   help="also time WeightWatcher analyze(randomize=True) (very slow)")
-    p.add_argument("--memory-test", action="store_true",
-                   help="also run the sharded-checkpoint peak-memory test")
-    p.add_argument("--memory-gb", type=float, default=2.0,
-                   help="size of the --memory-test checkpoint in GB")
-    p.add_argument("--memory-shards", type=int, default=4,
-                   help="number of shards of the --memory-test checkpoint")
+    p.add_argument(
+        "--ww-randomize",
+        action="store_true",
+        help="also time WeightWatcher analyze(randomize=True) (very slow)",
+    )
+    p.add_argument(
+        "--memory-test",
+        action="store_true",
+        help="also run the sharded-checkpoint peak-memory test",
+    )
+    p.add_argument(
+        "--memory-gb", type=float, default=2.0, help="size of the --memory-test checkpoint in GB"
+    )
+    p.add_argument(
+        "--memory-shards",
+        type=int,
+        default=4,
+        help="number of shards of the --memory-test checkpoint",
+    )
     args = p.parse_args(argv)
     if args.blocks < 1 or args.repeat < 1:
         p.error("--blocks and --repeat must be positive")
     if args.device == "auto":  # resolve here so that the lower bound uses the same device
         import torch
+
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     if args.threads is not None:

@@ -58,8 +58,13 @@ class Gallery:
         return True
 
     def available(self, command: str) -> bool:
-        res = subprocess.run([sys.executable, "-m", "htsr_cli", command, "--help"],
-                             cwd=self.work, env=self.env, capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, "-m", "htsr_cli", command, "--help"],
+            cwd=self.work,
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
         return res.returncode == 0
 
     def plot(self, kind: str, name: str, *args: str) -> None:
@@ -76,10 +81,27 @@ class Gallery:
 
 def metrics_without_runs(g: Gallery) -> None:
     """The metrics figure from the built-in checkpoint alone: two fit modes overlaid."""
-    g.htsr("analyze", "--metrics", "alpha", "--fit", "median", "--format", "json",
-           "-o", "analysis-median.json")
-    g.plot("metrics", "metrics", "analysis.json", "analysis-median.json",
-           "--label", "fit ww", "--label", "fit median")
+    g.htsr(
+        "analyze",
+        "--metrics",
+        "alpha",
+        "--fit",
+        "median",
+        "--format",
+        "json",
+        "-o",
+        "analysis-median.json",
+    )
+    g.plot(
+        "metrics",
+        "metrics",
+        "analysis.json",
+        "analysis-median.json",
+        "--label",
+        "fit ww",
+        "--label",
+        "fit median",
+    )
 
 
 def build(g: Gallery, epochs: int, finetune_epochs: int) -> None:
@@ -92,8 +114,18 @@ def build(g: Gallery, epochs: int, finetune_epochs: int) -> None:
     plans = []
     for scheme in ("tb-linear", "power:1/2", "softmax"):
         name = "plan-" + scheme.replace(":", "").replace("/", "")
-        if g.htsr("allocate", "analysis.json", "--lr", "0.1", "--scheme", scheme,
-                  "--format", "json", "-o", f"{name}.json"):
+        if g.htsr(
+            "allocate",
+            "analysis.json",
+            "--lr",
+            "0.1",
+            "--scheme",
+            scheme,
+            "--format",
+            "json",
+            "-o",
+            f"{name}.json",
+        ):
             plans.append(f"{name}.json")
     if plans:
         g.plot("lr-plan", "lr-plan", *plans)
@@ -110,8 +142,17 @@ def build(g: Gallery, epochs: int, finetune_epochs: int) -> None:
         return
     init = ["--init", "runs/dense/model.safetensors", "--epochs", str(finetune_epochs)]
     g.htsr("finetune", *common, *init, "--label", "global LR", "-o", "runs/global")
-    g.htsr("finetune", *common, *init, "--label", "TempBalance LR", "--allocate", "tb-linear",
-           "-o", "runs/tempbalance")
+    g.htsr(
+        "finetune",
+        *common,
+        *init,
+        "--label",
+        "TempBalance LR",
+        "--allocate",
+        "tb-linear",
+        "-o",
+        "runs/tempbalance",
+    )
     runs = [r for r in ("runs/global", "runs/tempbalance") if (g.work / r / "final.json").exists()]
     if runs:
         g.plot("history", "history", *runs)
@@ -120,12 +161,36 @@ def build(g: Gallery, epochs: int, finetune_epochs: int) -> None:
         g.skip("history.png, history-per-layer.png", "no finetuning run finished")
     if runs:
         after = runs[-1]  # TempBalance when it ran
-        g.htsr("analyze", "runs/dense/model.safetensors", "--metrics", "alpha", "--format",
-               "json", "-o", "before.json")
-        g.htsr("analyze", f"{after}/model.safetensors", "--metrics", "alpha",
-               "--format", "json", "-o", "after.json")
-        g.plot("metrics", "metrics", "before.json", "after.json", "--label",
-               "before finetuning", "--label", f"after finetuning ({Path(after).name} run)")
+        g.htsr(
+            "analyze",
+            "runs/dense/model.safetensors",
+            "--metrics",
+            "alpha",
+            "--format",
+            "json",
+            "-o",
+            "before.json",
+        )
+        g.htsr(
+            "analyze",
+            f"{after}/model.safetensors",
+            "--metrics",
+            "alpha",
+            "--format",
+            "json",
+            "-o",
+            "after.json",
+        )
+        g.plot(
+            "metrics",
+            "metrics",
+            "before.json",
+            "after.json",
+            "--label",
+            "before finetuning",
+            "--label",
+            f"after finetuning ({Path(after).name} run)",
+        )
     else:
         metrics_without_runs(g)
 
@@ -138,14 +203,35 @@ def build(g: Gallery, epochs: int, finetune_epochs: int) -> None:
         for sparsity in ("0.5", "0.8"):
             tag = f"{method}-{sparsity}"
             plan = g.work / f"prune-{tag}.json"
-            if not g.htsr("prune", "runs/dense/model.safetensors", "--sparsity", sparsity,
-                          "--method", method, "--unstructured", "--format", "json",
-                          "-o", f"pruned-{tag}.safetensors", stdout=plan):
+            if not g.htsr(
+                "prune",
+                "runs/dense/model.safetensors",
+                "--sparsity",
+                sparsity,
+                "--method",
+                method,
+                "--unstructured",
+                "--format",
+                "json",
+                "-o",
+                f"pruned-{tag}.safetensors",
+                stdout=plan,
+            ):
                 continue
             prune_plans.append(plan.name)
-            if g.htsr("finetune", *common, "--init", f"pruned-{tag}.safetensors",
-                      "--keep-masks", "--epochs", str(finetune_epochs), "--label", tag,
-                      "-o", f"runs/{tag}"):
+            if g.htsr(
+                "finetune",
+                *common,
+                "--init",
+                f"pruned-{tag}.safetensors",
+                "--keep-masks",
+                "--epochs",
+                str(finetune_epochs),
+                "--label",
+                tag,
+                "-o",
+                f"runs/{tag}",
+            ):
                 pruned_runs.append(f"runs/{tag}")
     if prune_plans:
         g.plot("prune-plan", "prune-plan", *prune_plans)
@@ -174,8 +260,10 @@ def main() -> None:
     print("\nwritten:")
     for p in g.written:
         kb = p.stat().st_size / 1024
-        print(f"  {p.relative_to(HERE.parent) if p.is_relative_to(HERE.parent) else p}"
-              f"  {kb:.0f} KB" + ("  (over the size budget)" if kb > MAX_KB else ""))
+        print(
+            f"  {p.relative_to(HERE.parent) if p.is_relative_to(HERE.parent) else p}"
+            f"  {kb:.0f} KB" + ("  (over the size budget)" if kb > MAX_KB else "")
+        )
     if g.skipped:
         print("skipped:")
         for s in g.skipped:

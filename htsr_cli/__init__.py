@@ -16,12 +16,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "analyze": ("htsr_cli.analysis", "analyze"),
-    "analyze_layer": ("htsr_cli.analysis", "analyze_layer"),
-    "Analysis": ("htsr_cli.analysis", "Analysis"),
-    "open_checkpoint": ("htsr_cli.checkpoint", "open_checkpoint"),
-    "fit_power_law": ("htsr_cli.fit", "fit_power_law"),
-    "METRICS": ("htsr_cli.metrics", "METRICS"),
+    "analyze": ("htsr_cli.engine.analysis", "analyze"),
+    "analyze_layer": ("htsr_cli.engine.analysis", "analyze_layer"),
+    "Analysis": ("htsr_cli.engine.analysis", "Analysis"),
+    "open_checkpoint": ("htsr_cli.io.checkpoint", "open_checkpoint"),
+    "fit_power_law": ("htsr_cli.engine.fit", "fit_power_law"),
+    "METRICS": ("htsr_cli.engine.metrics", "METRICS"),
     "InputError": ("htsr_cli.errors", "InputError"),
     "HtsrError": ("htsr_cli.errors", "HtsrError"),
 }

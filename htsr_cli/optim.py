@@ -4,7 +4,7 @@ and TempBalance-style re-allocation while the model trains.
 Ownership rule (which parameters share a layer's multiplier)
 -------------------------------------------------------------
 A *layer* is a module with a ``weight`` of 2 or more dimensions, named as
-:func:`~htsr_cli.analysis.analyze` names it: the state-dict key without ``.weight`` (a DDP
+:func:`~htsr_cli.engine.analysis.analyze` names it: the state-dict key without ``.weight`` (a DDP
 ``module.`` prefix is dropped the same way). The layer owns its ``weight`` and ``bias``.
 
 A norm module (BatchNorm, SyncBatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm) is owned by
@@ -42,32 +42,76 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .allocation import allocate
-from .checkpoint import strip_ddp_prefix
-from .errors import InputError, one_line
-from .plans import LRPlan, load_plan
+from htsr_cli.allocate.plan import LRPlan, load_plan
+from htsr_cli.allocate.schemes import allocate
+from htsr_cli.errors import InputError, one_line
+from htsr_cli.io.checkpoint import strip_ddp_prefix
 
 log = logging.getLogger("htsr")
 
-NORM_TYPES: tuple[type[nn.Module], ...] = tuple(t for t in (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-    nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
-) if t is not None)
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+    )
+    if t is not None
+)
 
 # Ops that move or cast a tensor without mixing its features: a norm after them still normalises
 # the producing layer's output features.
-_PASS_METHODS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "flatten", "permute", "transpose", "t",
-    "contiguous", "squeeze", "unsqueeze", "to", "float", "half", "bfloat16", "type_as", "clone",
-})
-_PASS_FUNCTIONS = frozenset({
-    torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.t, torch.squeeze,
-    torch.unsqueeze, torch.clone, operator.getitem, F.dropout,
-})
+_PASS_METHODS = frozenset(
+    {
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "flatten",
+        "permute",
+        "transpose",
+        "t",
+        "contiguous",
+        "squeeze",
+        "unsqueeze",
+        "to",
+        "float",
+        "half",
+        "bfloat16",
+        "type_as",
+        "clone",
+    }
+)
+_PASS_FUNCTIONS = frozenset(
+    {
+        torch.reshape,
+        torch.flatten,
+        torch.permute,
+        torch.transpose,
+        torch.t,
+        torch.squeeze,
+        torch.unsqueeze,
+        torch.clone,
+        operator.getitem,
+        F.dropout,
+    }
+)
 _PASS_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.Flatten, nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Flatten,
+    nn.Unflatten,
 )
 # Wrappers that add a name prefix to every parameter but leave the model's dataflow alone.
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
@@ -80,6 +124,7 @@ _SCHEDULER_LISTS = ("base_lrs", "max_lrs", "min_lrs")
 # ---------------------------------------------------------------------------------------------
 # Ownership
 
+
 def _layer_names(model: nn.Module) -> dict[str, str]:
     """Module path -> layer name (analyze's naming) for every module with a >=2-D weight."""
     keys = list(model.state_dict(keep_vars=True))
@@ -89,7 +134,7 @@ def _layer_names(model: nn.Module) -> dict[str, str]:
         weight = getattr(module, "weight", None)
         if path and isinstance(weight, torch.Tensor) and weight.ndim >= 2:
             key = analysed.get(f"{path}.weight", f"{path}.weight")
-            layers[path] = key[:-len(".weight")]
+            layers[path] = key[: -len(".weight")]
     return layers
 
 
@@ -128,8 +173,11 @@ def _norm_owners_fx(model: nn.Module, layers: Mapping[str, str]) -> dict[str, st
                         owner, _, attr = (prefix + str(arg.target)).rpartition(".")
                         if attr == "weight" and owner in layers:
                             return owner
-                passes = (node.target in _PASS_METHODS if node.op == "call_method"
-                          else node.target in _PASS_FUNCTIONS)
+                passes = (
+                    node.target in _PASS_METHODS
+                    if node.op == "call_method"
+                    else node.target in _PASS_FUNCTIONS
+                )
                 if not passes:
                     return None
             else:  # placeholder, get_attr: a model input or a raw tensor
@@ -178,10 +226,14 @@ def layer_owners(model: nn.Module, *, method: str = "auto") -> dict[str, str]:
             norms = _norm_owners_fx(model, layers)
         except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
             if method == "fx":
-                raise InputError(f"torch.fx cannot trace {type(model).__name__}: "
-                                 f"{one_line(exc)}") from None
-            log.debug("fx tracing of %s failed (%s); norms follow registration order",
-                      type(model).__name__, exc)
+                raise InputError(
+                    f"torch.fx cannot trace {type(model).__name__}: {one_line(exc)}"
+                ) from None
+            log.debug(
+                "fx tracing of %s failed (%s); norms follow registration order",
+                type(model).__name__,
+                exc,
+            )
             norms = _norm_owners_by_order(model, layers)
     owners = {}
     for name, _ in model.named_parameters():
@@ -195,6 +247,7 @@ def layer_owners(model: nn.Module, *, method: str = "auto") -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # Parameter groups
+
 
 def _canonical(name: str) -> str:
     while name.startswith(("module.", "_orig_mod.")):
@@ -227,15 +280,23 @@ def _listing(names: list[str], limit: int = 8) -> str:
 
 
 def _positive(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value > 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not (math.isfinite(value) and value > 0)
+    ):
         raise InputError(f"{what} must be a positive number, got {value!r}")
     return float(value)
 
 
-def param_groups(model: nn.Module, plan: LRPlan | str | Path | Mapping[str, Any], *,
-                 lr: float | None = None, weight_decay: float | None = None,
-                 strict: bool = True) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module,
+    plan: LRPlan | str | Path | Mapping[str, Any],
+    *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    strict: bool = True,
+) -> list[dict[str, Any]]:
     """Optimizer parameter groups that give each plan layer ``lr * multiplier``.
 
     One group per plan layer present in the model, holding its weight, bias and owned norm
@@ -263,15 +324,20 @@ def param_groups(model: nn.Module, plan: LRPlan | str | Path | Mapping[str, Any]
     mults, wd_mults = plan.multipliers(), plan.wd_multipliers()
     matched, missing = _match(mults, _layer_names(model).values())
     if missing and strict:
-        raise InputError(f"the plan names {len(missing)} layer(s) the model lacks: "
-                         f"{_listing(missing)}")
+        raise InputError(
+            f"the plan names {len(missing)} layer(s) the model lacks: {_listing(missing)}"
+        )
     by_layer = {layer: name for name, layer in matched.items()}  # model layer -> plan name
 
     def new_group(layer: str | None) -> dict[str, Any]:
         name = by_layer.get(layer) if layer is not None else None
         m = mults[name] if name is not None else 1.0
-        group: dict[str, Any] = {"params": [], "lr": base_lr * m, "htsr_layer": layer,
-                                 "htsr_multiplier": m}
+        group: dict[str, Any] = {
+            "params": [],
+            "lr": base_lr * m,
+            "htsr_layer": layer,
+            "htsr_multiplier": m,
+        }
         if wd_mults:
             w = wd_mults.get(name, 1.0) if name is not None else 1.0
             group.update(weight_decay=base_wd * w, htsr_wd_multiplier=w)
@@ -296,6 +362,7 @@ def param_groups(model: nn.Module, plan: LRPlan | str | Path | Mapping[str, Any]
 # ---------------------------------------------------------------------------------------------
 # Re-allocation
 
+
 def _rescale(group: dict[str, Any], keys: tuple[str, ...], factor: float) -> None:
     for key in keys:
         value = group.get(key)
@@ -305,9 +372,13 @@ def _rescale(group: dict[str, Any], keys: tuple[str, ...], factor: float) -> Non
             group[key] = value * factor
 
 
-def apply_multipliers(optimizer: torch.optim.Optimizer, multipliers: Mapping[str, float],
-                      scheduler: Any = None, *,
-                      wd_multipliers: Mapping[str, float] | None = None) -> None:
+def apply_multipliers(
+    optimizer: torch.optim.Optimizer,
+    multipliers: Mapping[str, float],
+    scheduler: Any = None,
+    *,
+    wd_multipliers: Mapping[str, float] | None = None,
+) -> None:
     """Set the multiplier of the groups named in ``multipliers`` (matched by ``htsr_layer``,
     never by position), rescaling their current LR by ``new / old``.
 
@@ -322,8 +393,9 @@ def apply_multipliers(optimizer: torch.optim.Optimizer, multipliers: Mapping[str
 
     def resolve(values: Mapping[str, float], what: str) -> dict[str, float]:
         matched, _ = _match(values, present)
-        return {layer: _positive(values[name], f"{what} of {name}")
-                for name, layer in matched.items()}
+        return {
+            layer: _positive(values[name], f"{what} of {name}") for name, layer in matched.items()
+        }
 
     lr_new = resolve(multipliers, "multiplier")
     wd_new = resolve(wd_multipliers or {}, "wd multiplier")
@@ -353,9 +425,9 @@ class Reallocator:
     choice), re-estimate the metric on the live model, on the model's device, and rewrite the
     optimizer's group multipliers by layer name.
 
-    ``allocate_options`` go to :func:`~htsr_cli.allocation.allocate` (``s1``, ``s2``, ``seed``,
-    ``min_evals``, ``all_layers``, ``wd``/``wd_scheme``, analyze options such as ``fit`` or
-    ``device``). Groups whose layer the new plan omits return to multiplier 1 (base LR).
+    ``allocate_options`` go to :func:`~htsr_cli.allocate.schemes.allocate` (``s1``, ``s2``,
+    ``seed``, ``min_evals``, ``all_layers``, ``wd``/``wd_scheme``, analyze options such as
+    ``fit`` or ``device``). Groups whose layer the new plan omits return to multiplier 1 (base LR).
 
     In DDP, run it on rank 0 only and broadcast ``reallocate().multipliers()`` to the other
     ranks, which call :func:`apply_multipliers` (see docs/training-loop.md).
@@ -367,14 +439,24 @@ class Reallocator:
         history: one ``{"step", "seconds", "multipliers"}`` record per re-allocation.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 scheme: str = "tb-linear", metric: str = "alpha", every: int = 1,
-                 scheduler: Any = None, **allocate_options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheme: str = "tb-linear",
+        metric: str = "alpha",
+        every: int = 1,
+        scheduler: Any = None,
+        **allocate_options: Any,
+    ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise InputError(f"every must be a positive integer, got {every!r}")
         if not any(g.get("htsr_layer") is not None for g in optimizer.param_groups):
-            raise InputError("the optimizer has no per-layer group; build its groups with "
-                             "htsr_cli.optim.param_groups(model, plan)")
+            raise InputError(
+                "the optimizer has no per-layer group; build its groups with "
+                "htsr_cli.optim.param_groups(model, plan)"
+            )
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.scheme, self.metric, self.every = scheme, metric, every
         self.allocate_options = allocate_options
@@ -405,8 +487,9 @@ class Reallocator:
         # Sampled schemes draw fresh noise at every re-allocation, reproducibly.
         options["seed"] = int(self.allocate_options.get("seed", 0)) + self.count
         with torch.no_grad():
-            plan = allocate(self.model, lr=base_lr, scheme=self.scheme, metric=self.metric,
-                            **options)
+            plan = allocate(
+                self.model, lr=base_lr, scheme=self.scheme, metric=self.metric, **options
+            )
 
         def full(values: Mapping[str, float]) -> dict[str, float]:
             # Every group gets a value: a layer the plan omits goes back to the base LR.
@@ -416,12 +499,19 @@ class Reallocator:
 
         multipliers = full(plan.multipliers())
         wd = plan.wd_multipliers()
-        apply_multipliers(self.optimizer, multipliers, self.scheduler,
-                          wd_multipliers=full(wd) if wd else None)
+        apply_multipliers(
+            self.optimizer, multipliers, self.scheduler, wd_multipliers=full(wd) if wd else None
+        )
         self.last_seconds = time.perf_counter() - t0
         self.last_plan = plan
-        self.history.append({"step": self.count, "seconds": self.last_seconds,
-                             "multipliers": multipliers})
-        log.info("re-allocated %d layer LRs (%s on %s) in %.3f s", len(multipliers),
-                 self.scheme, options["device"], self.last_seconds)
+        self.history.append(
+            {"step": self.count, "seconds": self.last_seconds, "multipliers": multipliers}
+        )
+        log.info(
+            "re-allocated %d layer LRs (%s on %s) in %.3f s",
+            len(multipliers),
+            self.scheme,
+            options["device"],
+            self.last_seconds,
+        )
         return plan

@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if str(REPO) not in sys.path:  # run from a checkout without installing the package
         sys.path.insert(0, str(REPO))
-    from htsr_cli.checkpoint import save_safetensors
-    from htsr_cli.data import load_digits
+    from htsr_cli.finetune.data import load_digits
+    from htsr_cli.io.checkpoint import save_safetensors
 
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(args.threads)

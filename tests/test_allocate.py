@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from htsr_cli.allocation import (
+from htsr_cli.allocate.plan import LRPlan
+from htsr_cli.allocate.schemes import (
     MIN_MULTIPLIER,
     SCHEMES,
     allocate,
@@ -22,14 +23,33 @@ from htsr_cli.allocation import (
     scheme_multipliers,
 )
 from htsr_cli.errors import InputError
-from htsr_cli.plans import LRPlan
 
 ALPHAS = [2.0, 3.0, 4.0, 6.0]
 N = len(ALPHAS)
-ALL = ["tb-linear", "rank", "proportional", "power:2", "power:1/2", "log2", "softmax",
-       "negpow2", "sample-normal", "sample-rank", "sample-emg"]
-MEAN_PRESERVING = ["proportional", "power:2", "power:1/3", "log2", "softmax", "negpow2",
-                   "sample-normal", "sample-rank", "sample-emg"]
+ALL = [
+    "tb-linear",
+    "rank",
+    "proportional",
+    "power:2",
+    "power:1/2",
+    "log2",
+    "softmax",
+    "negpow2",
+    "sample-normal",
+    "sample-rank",
+    "sample-emg",
+]
+MEAN_PRESERVING = [
+    "proportional",
+    "power:2",
+    "power:1/3",
+    "log2",
+    "softmax",
+    "negpow2",
+    "sample-normal",
+    "sample-rank",
+    "sample-emg",
+]
 OPEN = {"all_layers": True, "min_evals": 0}  # guards off
 
 
@@ -41,8 +61,12 @@ def analysis(values, *, evals=None, metric="alpha", drop=()):
         if i not in drop:
             row[metric] = v
         layers.append(row)
-    return {"schema": "htsr.analysis/1", "source": {"path": "x.safetensors"},
-            "options": {"fit": "ww", "metrics": [metric]}, "layers": layers}
+    return {
+        "schema": "htsr.analysis/1",
+        "source": {"path": "x.safetensors"},
+        "options": {"fit": "ww", "metrics": [metric]},
+        "layers": layers,
+    }
 
 
 def mults(values, scheme, **kw):
@@ -164,8 +188,7 @@ def test_invert_by_hand():
     assert mults(ALPHAS, "tb-linear", invert=True) == pytest.approx([1.5, 1.25, 1.0, 0.5])
     assert mults(ALPHAS, "rank", invert=True) == pytest.approx([1.25, 1.0, 0.75, 0.5])
     # 1/m: 1/2, 1/3, 1/4, 1/6 (sum 5/4)
-    assert mults(ALPHAS, "proportional", invert=True) == pytest.approx(
-        [1.6, 16 / 15, 0.8, 8 / 15])
+    assert mults(ALPHAS, "proportional", invert=True) == pytest.approx([1.6, 16 / 15, 0.8, 8 / 15])
     assert mults(ALPHAS, "negpow2", invert=True) == pytest.approx([2.25, 1.0, 0.5, 0.25])
     e = [math.exp(-a) for a in ALPHAS]
     assert mults(ALPHAS, "softmax", invert=True) == pytest.approx([4 * x / sum(e) for x in e])
@@ -175,13 +198,15 @@ def test_invert_by_hand():
 def test_invert_gives_larger_metric_a_smaller_multiplier(scheme):
     # sample-normal: gaps of many sigmas, so its unit noise cannot swap two layers;
     # sample-rank: base LR 50, so every draw of N(50, 1) is positive
-    values = [40.0, 10.0, 160.0, 20.0, 80.0] if scheme == "sample-normal" else \
-        [4.0, 2.0, 8.0, 3.0, 6.0]
+    values = (
+        [40.0, 10.0, 160.0, 20.0, 80.0] if scheme == "sample-normal" else [4.0, 2.0, 8.0, 3.0, 6.0]
+    )
     order = np.argsort(values)
     seeds = range(300) if scheme == "sample-emg" else [0]
     up = np.mean([mults(values, scheme, seed=s, base_lr=50.0) for s in seeds], axis=0)
-    down = np.mean([mults(values, scheme, seed=s, base_lr=50.0, invert=True) for s in seeds],
-                   axis=0)
+    down = np.mean(
+        [mults(values, scheme, seed=s, base_lr=50.0, invert=True) for s in seeds], axis=0
+    )
     if scheme == "sample-emg":
         # its exponential term has the scale of mean(m): one draw need not be monotone, the
         # average over seeds is
@@ -206,9 +231,12 @@ def test_inverted_samples_are_reciprocal(scheme):
 
 finite_metrics = st.lists(st.floats(min_value=1.01, max_value=50.0), min_size=1, max_size=30)
 any_metrics = st.lists(
-    st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-              st.floats(min_value=-5, max_value=10)),
-    min_size=1, max_size=25)
+    st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=-5, max_value=10)
+    ),
+    min_size=1,
+    max_size=25,
+)
 
 
 @pytest.mark.parametrize("scheme", MEAN_PRESERVING)
@@ -221,10 +249,12 @@ def test_mean_preserving(scheme, values, seed, invert):
 
 
 @pytest.mark.parametrize("scheme", ALL)
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(values=any_metrics, seed=st.integers(0, 1000), invert=st.booleans(),
-       lr=st.floats(1e-6, 10.0))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    values=any_metrics, seed=st.integers(0, 1000), invert=st.booleans(), lr=st.floats(1e-6, 10.0)
+)
 def test_no_plan_holds_a_bad_multiplier(scheme, values, seed, invert, lr):
     plan = allocate(analysis(values), lr=lr, scheme=scheme, seed=seed, invert=invert, **OPEN)
     m = np.array([p.multiplier for p in plan.layers])
@@ -304,7 +334,8 @@ def test_first_and_last_layer_keep_the_base_lr():
     assert "first layer" in plan.layers[0].reason and "last layer" in plan.layers[-1].reason
     # the scheme runs over the 4 middle layers: alphas 3, 4, 6, 5
     assert [p.multiplier for p in plan.layers[1:-1]] == pytest.approx(
-        [0.5, 0.5 + 1 / 3, 1.5, 0.5 + 2 / 3])
+        [0.5, 0.5 + 1 / 3, 1.5, 0.5 + 2 / 3]
+    )
     assert all(p.status == "allocated" and not p.reason for p in plan.layers[1:-1])
     assert plan.params["allocated"] == 4
 
@@ -326,7 +357,8 @@ def test_non_finite_and_missing_metric_keep_the_base_lr():
     assert by["l1"].reason == "alpha not finite (fit failed: all eigenvalues zero)"
     assert by["l3"].reason == "alpha missing"
     assert [by[n].multiplier for n in ("l0", "l2", "l4", "l6")] == pytest.approx(
-        [0.5, 0.75, 1.0, 1.5])
+        [0.5, 0.75, 1.0, 1.5]
+    )
 
 
 def test_few_eigenvalues_keep_the_base_lr():
@@ -338,8 +370,9 @@ def test_few_eigenvalues_keep_the_base_lr():
 
 def test_guard_reasons_combine():
     plan = allocate(analysis([math.nan, 3.0, 4.0], evals=[8, 100, 100]), lr=0.1)
-    assert plan.layers[0].reason == ("alpha not finite; 8 eigenvalues < min_evals 50; "
-                                     "first layer (base LR unless --all-layers)")
+    assert plan.layers[0].reason == (
+        "alpha not finite; 8 eigenvalues < min_evals 50; first layer (base LR unless --all-layers)"
+    )
 
 
 def test_metric_absent_from_every_layer_is_an_error():
@@ -372,8 +405,9 @@ def test_alphadecay_wd_multipliers():
 
 
 def test_wd_ignores_invert_and_custom_ratios():
-    plan = allocate(analysis(ALPHAS), lr=0.1, wd=1e-4, wd_min_ratio=0.5, wd_max_ratio=2.0,
-                    invert=True, **OPEN)
+    plan = allocate(
+        analysis(ALPHAS), lr=0.1, wd=1e-4, wd_min_ratio=0.5, wd_max_ratio=2.0, invert=True, **OPEN
+    )
     assert list(plan.wd_multipliers().values()) == pytest.approx([0.5, 0.875, 1.25, 2.0])
     assert "wd_multiplier" not in allocate(analysis(ALPHAS), lr=0.1).to_dict()["layers"][0]
 
@@ -383,8 +417,14 @@ def test_wd_ignores_invert_and_custom_ratios():
 
 
 def test_plan_document_and_round_trip():
-    plan = allocate(analysis([2.0, math.nan, 3.0, 4.0, 6.0]), lr=0.1, scheme="power:1/2",
-                    seed=3, min_evals=0, wd=5e-4)
+    plan = allocate(
+        analysis([2.0, math.nan, 3.0, 4.0, 6.0]),
+        lr=0.1,
+        scheme="power:1/2",
+        seed=3,
+        min_evals=0,
+        wd=5e-4,
+    )
     doc = plan.to_dict()
     assert doc["schema"] == "htsr.lr-plan/1"
     assert doc["scheme"] == "power:1/2" and doc["metric"] == "alpha" and doc["base_lr"] == 0.1
@@ -409,51 +449,72 @@ def test_analysis_object_and_json_path(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(doc)))
     from_stdin = allocate("-", lr=0.1, **OPEN)
     assert from_stdin.source["analysis"] == "stdin"
-    assert from_path.multipliers() == from_stdin.multipliers() == allocate(
-        doc, lr=0.1, **OPEN).multipliers()
+    assert (
+        from_path.multipliers()
+        == from_stdin.multipliers()
+        == allocate(doc, lr=0.1, **OPEN).multipliers()
+    )
 
 
 def test_checkpoint_and_module_sources():
     import torch
     from torch import nn
 
-    from htsr_cli.analysis import analyze
-    from htsr_cli.data import default_checkpoint
+    from htsr_cli.assets import default_checkpoint
+    from htsr_cli.engine.analysis import analyze
 
     plan = allocate(default_checkpoint(), lr=0.1, fit="median", device="cpu")
-    assert {p.name for p in plan.layers} == {"features.0", "features.2", "features.6",
-                                             "classifier.0", "classifier.3", "classifier.5"}
+    assert {p.name for p in plan.layers} == {
+        "features.0",
+        "features.2",
+        "features.6",
+        "classifier.0",
+        "classifier.3",
+        "classifier.5",
+    }
     assert plan.params["analysis_options"]["fit"] == "median"
     assert plan.params["analysis_options"]["metrics"] == ["alpha"]
     assert plan.source["format"] == "safetensors" and "analysis" not in plan.source
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 80), nn.ReLU(),
-                        nn.Linear(80, 70), nn.ReLU(), nn.Linear(70, 10))
+    net = nn.Sequential(
+        nn.Linear(64, 96),
+        nn.ReLU(),
+        nn.Linear(96, 80),
+        nn.ReLU(),
+        nn.Linear(80, 70),
+        nn.ReLU(),
+        nn.Linear(70, 10),
+    )
     plan = allocate(net, lr=0.01, device="cpu", min_evals=0)
     assert [p.name for p in plan.layers] == ["0", "2", "4", "6"]
     assert [p.status for p in plan.layers] == ["base", "allocated", "allocated", "base"]
     assert [p.multiplier for p in plan.layers[1:3]] in ([0.5, 1.5], [1.5, 0.5])
     result = analyze(net, metrics=["alpha"], device="cpu")
     assert allocate(result, lr=0.01, min_evals=0).multipliers() == plan.multipliers()
-    assert allocate(net.state_dict(), lr=0.01, device="cpu",
-                    min_evals=0).multipliers() == plan.multipliers()
+    assert (
+        allocate(net.state_dict(), lr=0.01, device="cpu", min_evals=0).multipliers()
+        == plan.multipliers()
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Rejections
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(schema="htsr.lr-plan/1"), "expected 'htsr.analysis/1'"),
-    (lambda d: d.update(schema="htsr.analysis/9"), "schema version"),
-    (lambda d: d.pop("layers"), "lacks field(s) layers"),
-    (lambda d: d.pop("options"), "lacks field(s) options"),
-    (lambda d: d["layers"][0].pop("num_evals"), "num_evals"),
-    (lambda d: d.update(layers=[]), "no analysed layer"),
-    (lambda d: d.update(source="abc"), "'source' must be an object"),
-    (lambda d: d.update(options=[1]), "'options' must be an object"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(schema="htsr.lr-plan/1"), "expected 'htsr.analysis/1'"),
+        (lambda d: d.update(schema="htsr.analysis/9"), "schema version"),
+        (lambda d: d.pop("layers"), "lacks field(s) layers"),
+        (lambda d: d.pop("options"), "lacks field(s) options"),
+        (lambda d: d["layers"][0].pop("num_evals"), "num_evals"),
+        (lambda d: d.update(layers=[]), "no analysed layer"),
+        (lambda d: d.update(source="abc"), "'source' must be an object"),
+        (lambda d: d.update(options=[1]), "'options' must be an object"),
+    ],
+)
 def test_bad_analysis_documents_are_rejected(mutate, message):
     doc = analysis(ALPHAS)
     mutate(doc)
@@ -462,11 +523,14 @@ def test_bad_analysis_documents_are_rejected(mutate, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("params", 1, "'params' must be an object"),
-    ("source", "abc", "'source' must be an object"),
-    ("base_wd", "x", "base_wd must be a non-negative number"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("params", 1, "'params' must be an object"),
+        ("source", "abc", "'source' must be an object"),
+        ("base_wd", "x", "base_wd must be a non-negative number"),
+    ],
+)
 def test_bad_plan_documents_are_rejected(key, value, message):
     doc = allocate(analysis(ALPHAS), lr=0.1).to_dict()
     doc[key] = value
@@ -481,30 +545,33 @@ def test_plan_fed_as_analysis_is_rejected():
         allocate(plan, lr=0.1)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"lr": 0}, "--lr must be a positive number"),
-    ({"lr": -1.0}, "--lr must be a positive number"),
-    ({"lr": math.nan}, "--lr must be a positive number"),
-    ({"lr": math.inf}, "--lr must be a positive number"),
-    ({"lr": 0.1, "s1": 2.0, "s2": 1.0}, "must not exceed"),
-    ({"lr": 0.1, "s1": 0.0}, "--s1 must be positive"),
-    ({"lr": 0.1, "s1": -1.0}, "--s1 must be positive"),
-    ({"lr": 0.1, "scheme": "cosine"}, "unknown scheme 'cosine'; choose from tb-linear"),
-    ({"lr": 0.1, "scheme": "power"}, "needs an exponent"),
-    ({"lr": 0.1, "scheme": "power:two"}, "P must be a positive number"),
-    ({"lr": 0.1, "scheme": "power:1/0"}, "P must be a positive number"),
-    ({"lr": 0.1, "scheme": "power:-1"}, "P must be a positive number"),
-    ({"lr": 0.1, "scheme": "softmax:2"}, "unknown scheme"),
-    ({"lr": 0.1, "metric": "beta"}, "unknown metric 'beta'"),
-    ({"lr": 0.1, "seed": -1}, "--seed"),
-    ({"lr": 0.1, "min_evals": -1}, "--min-evals"),
-    ({"lr": 0.1, "wd": -1e-4}, "--wd must be"),
-    ({"lr": 0.1, "wd": 1e-4, "wd_scheme": "rank"}, "unknown --wd-scheme"),
-    ({"lr": 0.1, "wd_scheme": "tb-linear"}, "--wd-scheme needs --wd"),
-    ({"lr": 0.1, "wd": 1e-4, "wd_min_ratio": 3.0, "wd_max_ratio": 1.0}, "--wd-min-ratio"),
-    ({"lr": 0.1, "wd": 1e-4, "wd_min_ratio": 0.0}, "--wd-min-ratio"),
-    ({"lr": 0.1, "fit": "median"}, "--fit applies only to a checkpoint source"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": 0}, "--lr must be a positive number"),
+        ({"lr": -1.0}, "--lr must be a positive number"),
+        ({"lr": math.nan}, "--lr must be a positive number"),
+        ({"lr": math.inf}, "--lr must be a positive number"),
+        ({"lr": 0.1, "s1": 2.0, "s2": 1.0}, "must not exceed"),
+        ({"lr": 0.1, "s1": 0.0}, "--s1 must be positive"),
+        ({"lr": 0.1, "s1": -1.0}, "--s1 must be positive"),
+        ({"lr": 0.1, "scheme": "cosine"}, "unknown scheme 'cosine'; choose from tb-linear"),
+        ({"lr": 0.1, "scheme": "power"}, "needs an exponent"),
+        ({"lr": 0.1, "scheme": "power:two"}, "P must be a positive number"),
+        ({"lr": 0.1, "scheme": "power:1/0"}, "P must be a positive number"),
+        ({"lr": 0.1, "scheme": "power:-1"}, "P must be a positive number"),
+        ({"lr": 0.1, "scheme": "softmax:2"}, "unknown scheme"),
+        ({"lr": 0.1, "metric": "beta"}, "unknown metric 'beta'"),
+        ({"lr": 0.1, "seed": -1}, "--seed"),
+        ({"lr": 0.1, "min_evals": -1}, "--min-evals"),
+        ({"lr": 0.1, "wd": -1e-4}, "--wd must be"),
+        ({"lr": 0.1, "wd": 1e-4, "wd_scheme": "rank"}, "unknown --wd-scheme"),
+        ({"lr": 0.1, "wd_scheme": "tb-linear"}, "--wd-scheme needs --wd"),
+        ({"lr": 0.1, "wd": 1e-4, "wd_min_ratio": 3.0, "wd_max_ratio": 1.0}, "--wd-min-ratio"),
+        ({"lr": 0.1, "wd": 1e-4, "wd_min_ratio": 0.0}, "--wd-min-ratio"),
+        ({"lr": 0.1, "fit": "median"}, "--fit applies only to a checkpoint source"),
+    ],
+)
 def test_bad_options_are_rejected(kwargs, message):
     with pytest.raises(InputError) as err:
         allocate(analysis(ALPHAS), **kwargs)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from htsr_cli.analysis import analyze, parallelism
-from htsr_cli.checkpoint import save_safetensors
+from htsr_cli.engine.analysis import analyze, parallelism
 from htsr_cli.errors import InputError
+from htsr_cli.io.checkpoint import save_safetensors
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -39,16 +39,21 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(path: Path, jobs: int) -> tuple[object, list[str], list[tuple[int, int, str]]]:
     streamed: list[str] = []
     progress: list[tuple[int, int, str]] = []
-    result = analyze(path, jobs=jobs, keep_spectra=True, device="cpu",
-                     on_layer=lambda r: streamed.append(r["name"]),
-                     on_progress=lambda d, t, n: progress.append((d, t, n)))
+    result = analyze(
+        path,
+        jobs=jobs,
+        keep_spectra=True,
+        device="cpu",
+        on_layer=lambda r: streamed.append(r["name"]),
+        on_progress=lambda d, t, n: progress.append((d, t, n)),
+    )
     return result, streamed, progress
 
 
 def test_concurrent_layers_match_one_at_a_time(ckpt: Path) -> None:
     one, one_stream, _ = _run(ckpt, jobs=1)
     many, many_stream, progress = _run(ckpt, jobs=4)
-    order = [k[:-len(".weight")] for k in _state_dict()]
+    order = [k[: -len(".weight")] for k in _state_dict()]
     assert one_stream == many_stream == order  # checkpoint (model) order, skipped ones too
     assert [s["name"] for s in many.skipped] == ["blocks.2.tiny", "blocks.4.quant"]
     assert many.skipped == one.skipped
@@ -63,13 +68,17 @@ def test_concurrent_layers_match_one_at_a_time(ckpt: Path) -> None:
                 assert va == pytest.approx(b[key], rel=1e-10, abs=1e-13), (a["name"], key)
             elif not isinstance(va, float):
                 assert va == b[key], (a["name"], key)
-        np.testing.assert_allclose(many.spectra[a["name"]], one.spectra[a["name"]],
-                                   rtol=1e-10, atol=1e-13 * float(one.spectra[a["name"]][-1]))
+        np.testing.assert_allclose(
+            many.spectra[a["name"]],
+            one.spectra[a["name"]],
+            rtol=1e-10,
+            atol=1e-13 * float(one.spectra[a["name"]][-1]),
+        )
 
 
 @pytest.mark.parametrize("block_bytes", [None, 4096])  # 4096: the row-block Gram path
 def test_a_layer_with_nan_weights_is_skipped_with_its_reason(monkeypatch, block_bytes) -> None:
-    from htsr_cli import spectrum
+    from htsr_cli.engine import spectrum
 
     if block_bytes:
         monkeypatch.setattr(spectrum, "GRAM_BLOCK_BYTES", block_bytes)
@@ -107,14 +116,18 @@ def test_a_callback_that_raises_stops_the_workers_and_restores_the_threads(ckpt:
 
 
 def test_meta_and_sparse_weights_are_skipped_with_their_reason() -> None:
-    sd = {"a.weight": torch.randn(30, 20), "m.weight": torch.empty(30, 20, device="meta"),
-          "s.weight": torch.randn(30, 20).to_sparse()}
+    sd = {
+        "a.weight": torch.randn(30, 20),
+        "m.weight": torch.empty(30, 20, device="meta"),
+        "s.weight": torch.randn(30, 20).to_sparse(),
+    }
     result = analyze(sd, device="cpu")
     assert [r["name"] for r in result.layers] == ["a"]
     shape = {"shape": [30, 20], "dtype": "float32"}
-    assert result.skipped == [{"name": "m", "reason": "meta tensor: it holds no values", **shape},
-                              {"name": "s", "reason": "sparse_coo tensor: not a dense weight",
-                               **shape}]
+    assert result.skipped == [
+        {"name": "m", "reason": "meta tensor: it holds no values", **shape},
+        {"name": "s", "reason": "sparse_coo tensor: not a dense weight", **shape},
+    ]
 
 
 def test_parallelism_splits_the_threads() -> None:
@@ -142,7 +155,16 @@ def test_the_walk_on_cuda_matches_the_cpu(ckpt: Path) -> None:
     assert [r["name"] for r in gpu.layers] == [r["name"] for r in cpu.layers]
     assert gpu.skipped == cpu.skipped
     for a, b in zip(cpu.layers, gpu.layers, strict=True):
-        for key in ("alpha", "rand_distance", "stable_rank", "entropy", "norm", "spectral_norm",
-                    "log_alpha_norm", "xmin", "D"):
+        for key in (
+            "alpha",
+            "rand_distance",
+            "stable_rank",
+            "entropy",
+            "norm",
+            "spectral_norm",
+            "log_alpha_norm",
+            "xmin",
+            "D",
+        ):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["name"], key)
         assert b["matrix_rank"] == a["matrix_rank"]

@@ -12,15 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from htsr_cli import budgets as B
 from htsr_cli.errors import InputError
+from htsr_cli.prune import budgets as B
 
 
 def test_linear_mapping_spans_one_plus_minus_eps():
     # min 2 -> 1 - 0.2, max 6 -> 1 + 0.2, 4 halfway
     np.testing.assert_allclose(B.metric_scores([2, 4, 6], eps=0.2), [0.8, 1.0, 1.2])
-    np.testing.assert_allclose(B.metric_scores([2, 4, 6], eps=0.2, more_where="smaller"),
-                               [1.2, 1.0, 0.8])
+    np.testing.assert_allclose(
+        B.metric_scores([2, 4, 6], eps=0.2, more_where="smaller"), [1.2, 1.0, 0.8]
+    )
     np.testing.assert_allclose(B.metric_scores([3, 3, 3], eps=0.5), [1, 1, 1])
 
 
@@ -50,8 +51,10 @@ def test_calibrate_refuses_an_unreachable_target():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 10_000), st.floats(0.8, 1.2)), min_size=1,
-                max_size=12), st.floats(0.0, 0.6))
+@given(
+    st.lists(st.tuples(st.integers(1, 10_000), st.floats(0.8, 1.2)), min_size=1, max_size=12),
+    st.floats(0.0, 0.6),
+)
 def test_calibrate_without_clamp_is_alphapruning_rescaling(layers, s):
     # AlphaPruning: k_i = S * r_i * sum(n) / sum(n * r); with r in [0.8, 1.2] and S <= 0.6
     # no ratio exceeds 0.9, so the clamp at 0.95 never acts.
@@ -114,8 +117,7 @@ def test_lamp_counts_against_a_brute_force_oracle():
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 5000), st.floats(0.0, 0.95)), min_size=1,
-                max_size=10))
+@given(st.lists(st.tuples(st.integers(1, 5000), st.floats(0.0, 0.95)), min_size=1, max_size=10))
 def test_integer_counts_are_exact_and_within_one_of_the_ratio(layers):
     n = np.array([a for a, _ in layers])
     k = np.array([b for _, b in layers])
@@ -146,17 +148,26 @@ def test_step_budgets_scale_the_largest_to_max_ratio():
     np.testing.assert_allclose(B.step_budgets([0.2, 0.4], 0.9), [0.45, 0.9])
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"method": "magic"}, "unknown method"),
-    ({"mapping": "cubic"}, "unknown --mapping"),
-    ({"more_where": "up"}, "unknown --more-where"),
-    ({"eps": 1.0}, "--eps"),
-    ({"max_ratio": 1.0}, "--max-ratio"),
-    ({"budget_step": 0.0}, "--budget-step"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"method": "magic"}, "unknown method"),
+        ({"mapping": "cubic"}, "unknown --mapping"),
+        ({"more_where": "up"}, "unknown --more-where"),
+        ({"eps": 1.0}, "--eps"),
+        ({"max_ratio": 1.0}, "--max-ratio"),
+        ({"budget_step": 0.0}, "--budget-step"),
+    ],
+)
 def test_check_method_refuses_bad_options(kwargs, needle):
-    args = {"method": "metric", "mapping": "linear", "more_where": "larger", "eps": 0.2,
-            "max_ratio": 0.95, "budget_step": None, **kwargs}
+    args = {
+        "method": "metric",
+        "mapping": "linear",
+        "more_where": "larger",
+        "eps": 0.2,
+        "max_ratio": 0.95,
+        "budget_step": None,
+        **kwargs,
+    }
     with pytest.raises(InputError, match=needle):
         B.check_method(**args)
-

@@ -1,4 +1,4 @@
-"""Tests for htsr_cli.checkpoint: every supported layout, bad input, hashing, read-only use."""
+"""Tests for htsr_cli.io.checkpoint: every supported layout, bad input, hashing, read-only use."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from htsr_cli.checkpoint import Checkpoint, TensorRef, open_checkpoint
 from htsr_cli.errors import InputError
+from htsr_cli.io.checkpoint import Checkpoint, TensorRef, open_checkpoint
 
 
 @dataclasses.dataclass
@@ -484,7 +484,7 @@ def test_start_hashing_matches_files_for_sharded_dir(tmp_path: Path) -> None:
 
 
 def test_a_file_is_hashed_once_and_again_after_it_changes(tmp_path: Path) -> None:
-    from htsr_cli import digest
+    from htsr_cli.io import digest
 
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.zeros(4)}, str(path))
@@ -497,23 +497,27 @@ def test_a_file_is_hashed_once_and_again_after_it_changes(tmp_path: Path) -> Non
     save_file({"w": torch.ones(8)}, str(path))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert digest.start(str(path)) is not first
-    assert digest.record(str(path)) == {"path": str(path), "bytes": path.stat().st_size,
-                                        "sha256": sha(path)}
+    assert digest.record(str(path)) == {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "sha256": sha(path),
+    }
 
 
 def _hash_in_child(path: str) -> str:
-    from htsr_cli import digest
+    from htsr_cli.io import digest
 
     return digest.record(path)["sha256"]
 
 
-@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(),
-                    reason="needs fork")
+@pytest.mark.skipif(
+    "fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork"
+)
 def test_hashing_in_a_forked_child_after_the_parent_hashed(tmp_path: Path) -> None:
     """A forked child has no copy of the parent's hashing thread: it must start its own."""
     import multiprocessing
 
-    from htsr_cli import digest
+    from htsr_cli.io import digest
 
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.arange(1000.0)}, str(path))
@@ -560,11 +564,15 @@ def test_save_safetensors_records_the_model_order(tmp_path):
     order so that layer order (first/last-layer guards, plots) survives the round trip."""
     from safetensors.torch import save_file
 
-    from htsr_cli.checkpoint import save_safetensors
+    from htsr_cli.io.checkpoint import save_safetensors
 
-    sd = {"stem.weight": torch.ones(4, 3), "blocks.10.weight": torch.ones(5, 4),
-          "blocks.2.weight": torch.ones(6, 5), "head.weight": torch.ones(2, 6),
-          "head.bias": torch.zeros(2)}
+    sd = {
+        "stem.weight": torch.ones(4, 3),
+        "blocks.10.weight": torch.ones(5, 4),
+        "blocks.2.weight": torch.ones(6, 5),
+        "head.weight": torch.ones(2, 6),
+        "head.bias": torch.zeros(2),
+    }
     ours = tmp_path / "ordered.safetensors"
     save_safetensors(sd, ours, metadata={"note": "x"})
     with open_checkpoint(str(ours)) as ckpt:

@@ -18,36 +18,44 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import clirunner
 import pytest
 
-from htsr_cli.data import default_checkpoint
+from htsr_cli.assets import default_checkpoint
 
 TIMEOUT = 180
 CKPT = str(default_checkpoint())
-DEMO_LAYERS = ["features.0", "features.2", "features.6",
-               "classifier.0", "classifier.3", "classifier.5"]  # model order, recorded in the file
+DEMO_LAYERS = [
+    "features.0",
+    "features.2",
+    "features.6",
+    "classifier.0",
+    "classifier.3",
+    "classifier.5",
+]  # model order, recorded in the file
 OLD = "OLD CONTENT, must survive a failed run\n"
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES")
+    }
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
-def htsr(*args: Any, stdin: str | None = None, cwd: Any = None
-         ) -> subprocess.CompletedProcess[str]:
-    """``python -m htsr_cli allocate ARGS``; stdin from ``stdin`` (else closed)."""
-    cmd = [sys.executable, "-m", "htsr_cli", "allocate", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd,
-                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-                          timeout=TIMEOUT)
+def htsr(*args: Any, stdin: str | None = None, cwd: Any = None) -> subprocess.CompletedProcess[str]:
+    """``htsr allocate ARGS`` through the real CLI entry point, in process (clirunner);
+    stdin from ``stdin`` (else empty)."""
+    return clirunner.run(["allocate", *args], stdin=stdin, env=_env(), cwd=cwd)
 
 
 def shell(command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, shell=True, capture_output=True, text=True, env=_env(),
-                          timeout=TIMEOUT)
+    return subprocess.run(
+        command, shell=True, capture_output=True, text=True, env=_env(), timeout=TIMEOUT
+    )
 
 
 def run_many(calls: dict[str, Any]) -> dict[str, subprocess.CompletedProcess[str]]:
@@ -82,8 +90,8 @@ def strict_json(text: str) -> Any:
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """An analysis of the demo checkpoint (in process), variants of it, and a plan."""
-    from htsr_cli.allocation import allocate
-    from htsr_cli.analysis import analyze
+    from htsr_cli.allocate.schemes import allocate
+    from htsr_cli.engine.analysis import analyze
 
     root = tmp_path_factory.mktemp("alloc")
     analysis = analyze(CKPT, metrics=["alpha"], device="cpu").to_dict()
@@ -110,31 +118,71 @@ def runs(docs: dict[str, Any]) -> dict[str, subprocess.CompletedProcess[str]]:
     q = shlex.quote
     py = q(sys.executable)
     calls = {
-        "pipe": (shell, (f"{py} -m htsr_cli analyze {q(CKPT)} --format json --metrics alpha "
-                         f"--device cpu | {py} -m htsr_cli allocate - --lr 0.1 --format json",),
-                 {}),
+        "pipe": (
+            shell,
+            (
+                f"{py} -m htsr_cli analyze {q(CKPT)} --format json --metrics alpha "
+                f"--device cpu | {py} -m htsr_cli allocate - --lr 0.1 --format json",
+            ),
+            {},
+        ),
         "ckpt": (htsr, (CKPT, "--lr", "0.1", "--format", "json", "--device", "cpu"), {}),
-        "csv": (htsr, (a, "--lr", "0.2", "--all-layers", "--min-evals", "0", "--wd", "5e-4",
-                       "-o", root / "plan.csv"), {}),
-        "table": (htsr, (a, "--lr", "0.1", "--format", "table", "--scheme", "sample-rank",
-                         "--all-layers", "--min-evals", "0"), {}),
-        "json-default": (htsr, ("-", "--lr", "0.1", "--scheme", "power:1/2"),
-                         {"stdin": Path(a).read_text()}),
+        "csv": (
+            htsr,
+            (
+                a,
+                "--lr",
+                "0.2",
+                "--all-layers",
+                "--min-evals",
+                "0",
+                "--wd",
+                "5e-4",
+                "-o",
+                root / "plan.csv",
+            ),
+            {},
+        ),
+        "table": (
+            htsr,
+            (
+                a,
+                "--lr",
+                "0.1",
+                "--format",
+                "table",
+                "--scheme",
+                "sample-rank",
+                "--all-layers",
+                "--min-evals",
+                "0",
+            ),
+            {},
+        ),
+        "json-default": (
+            htsr,
+            ("-", "--lr", "0.1", "--scheme", "power:1/2"),
+            {"stdin": Path(a).read_text()},
+        ),
         # rejections: one line, exit 2, no output file
-        "plan-as-analysis": (htsr, (docs["plan.json"], "--lr", "0.1", "-o", root / "e1.json"),
-                             {}),
-        "version": (htsr, ("-", "--lr", "0.1", "-o", root / "e2.json"),
-                    {"stdin": Path(docs["v9.json"]).read_text()}),
+        "plan-as-analysis": (htsr, (docs["plan.json"], "--lr", "0.1", "-o", root / "e1.json"), {}),
+        "version": (
+            htsr,
+            ("-", "--lr", "0.1", "-o", root / "e2.json"),
+            {"stdin": Path(docs["v9.json"]).read_text()},
+        ),
         "no-layers": (htsr, (docs["nolayers.json"], "--lr", "0.1"), {}),
-        "scheme": (htsr, (a, "--lr", "0.1", "--scheme", "cosine", "-o", root / "exists.json"),
-                   {}),
+        "scheme": (htsr, (a, "--lr", "0.1", "--scheme", "cosine", "-o", root / "exists.json"), {}),
         "metric": (htsr, (a, "--lr", "0.1", "--metric", "beta"), {}),
         "absent-metric": (htsr, (a, "--lr", "0.1", "--metric", "entropy"), {}),
         "lr0": (htsr, (a, "--lr", "0", "-o", root / "e3.json"), {}),
         "lr-1": (htsr, (a, "--lr", "-1"), {}),
         "s1s2": (htsr, (a, "--lr", "0.1", "--s1", "2", "--s2", "1"), {}),
-        "malformed": (htsr, ("-", "--lr", "0.1", "-o", root / "e4.json"),
-                      {"stdin": '{"schema": "htsr.analysis/1", '}),
+        "malformed": (
+            htsr,
+            ("-", "--lr", "0.1", "-o", root / "e4.json"),
+            {"stdin": '{"schema": "htsr.analysis/1", '},
+        ),
         "empty": (htsr, ("-", "--lr", "0.1"), {"stdin": ""}),
         "fit-on-json": (htsr, (a, "--lr", "0.1", "--fit", "median"), {}),
         "power": (htsr, (a, "--lr", "0.1", "--scheme", "power:x"), {}),
@@ -166,16 +214,24 @@ def test_analyze_pipe_into_allocate(runs: dict[str, Any], docs: dict[str, Any]) 
     mults = [x["multiplier"] for x in plan["layers"]]
     assert s["min"] == 0.5 and s["max"] == 1.5
     assert s["mean_multiplier"] == pytest.approx(sum(mults) / len(mults))
-    assert set(plan["params"]) >= {"s1", "s2", "seed", "invert", "min_evals", "all_layers",
-                                   "clipped"}
+    assert set(plan["params"]) >= {
+        "s1",
+        "s2",
+        "seed",
+        "invert",
+        "min_evals",
+        "all_layers",
+        "clipped",
+    }
 
 
 def test_checkpoint_source_matches_the_pipe(runs: dict[str, Any]) -> None:
     assert_ok(runs["ckpt"])
     direct = strict_json(runs["ckpt"].stdout)
     piped = strict_json(runs["pipe"].stdout)
-    assert [(x["name"], x["multiplier"]) for x in direct["layers"]] == \
-        [(x["name"], x["multiplier"]) for x in piped["layers"]]
+    assert [(x["name"], x["multiplier"]) for x in direct["layers"]] == [
+        (x["name"], x["multiplier"]) for x in piped["layers"]
+    ]
     assert "analysis" not in direct["source"]
     assert direct["params"]["analysis_options"]["metrics"] == ["alpha"]
 
@@ -187,8 +243,16 @@ def test_output_file_by_extension(runs: dict[str, Any], docs: dict[str, Any]) ->
     path = docs["root"] / "plan.csv"
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
     assert [r["name"] for r in rows] == DEMO_LAYERS
-    assert list(rows[0]) == ["name", "metric_value", "multiplier", "lr", "wd_multiplier", "wd",
-                             "status", "reason"]
+    assert list(rows[0]) == [
+        "name",
+        "metric_value",
+        "multiplier",
+        "lr",
+        "wd_multiplier",
+        "wd",
+        "status",
+        "reason",
+    ]
     for r in rows:
         assert float(r["lr"]) == pytest.approx(0.2 * float(r["multiplier"]))
         assert float(r["wd"]) == pytest.approx(5e-4 * float(r["wd_multiplier"]))
@@ -214,22 +278,25 @@ def test_json_in_a_pipe_by_default(runs: dict[str, Any]) -> None:
     assert plan["summary"]["mean_multiplier"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("key, needles", [
-    ("plan-as-analysis", ("'htsr.lr-plan/1' document, expected 'htsr.analysis/1'",)),
-    ("version", ("stdin has schema version 'htsr.analysis/9'",)),
-    ("no-layers", ("lacks field(s) layers",)),
-    ("scheme", ("unknown scheme 'cosine'", "tb-linear", "sample-emg")),
-    ("metric", ("unknown metric 'beta'", "alpha_weighted")),
-    ("absent-metric", ("analysis has no metric entropy", "--metrics entropy")),
-    ("lr0", ("--lr must be a positive number",)),
-    ("lr-1", ("--lr must be a positive number",)),
-    ("s1s2", ("--s1 (2.0) must not exceed --s2 (1.0)",)),
-    ("malformed", ("stdin is not valid JSON",)),
-    ("empty", ("stdin is empty",)),
-    ("fit-on-json", ("--fit applies only to a checkpoint source",)),
-    ("power", ("P must be a positive number",)),
-    ("missing-ckpt", ("nope.safetensors",)),
-])
+@pytest.mark.parametrize(
+    "key, needles",
+    [
+        ("plan-as-analysis", ("'htsr.lr-plan/1' document, expected 'htsr.analysis/1'",)),
+        ("version", ("stdin has schema version 'htsr.analysis/9'",)),
+        ("no-layers", ("lacks field(s) layers",)),
+        ("scheme", ("unknown scheme 'cosine'", "tb-linear", "sample-emg")),
+        ("metric", ("unknown metric 'beta'", "alpha_weighted")),
+        ("absent-metric", ("analysis has no metric entropy", "--metrics entropy")),
+        ("lr0", ("--lr must be a positive number",)),
+        ("lr-1", ("--lr must be a positive number",)),
+        ("s1s2", ("--s1 (2.0) must not exceed --s2 (1.0)",)),
+        ("malformed", ("stdin is not valid JSON",)),
+        ("empty", ("stdin is empty",)),
+        ("fit-on-json", ("--fit applies only to a checkpoint source",)),
+        ("power", ("P must be a positive number",)),
+        ("missing-ckpt", ("nope.safetensors",)),
+    ],
+)
 def test_rejections(runs: dict[str, Any], key: str, needles: tuple[str, ...]) -> None:
     assert_one_line_error(runs[key], *needles)
 

@@ -33,19 +33,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import clirunner
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from htsr_cli.data import default_checkpoint
+from htsr_cli.assets import default_checkpoint
 
-METRICS = ("alpha", "rand_distance", "stable_rank", "entropy", "norm", "log_norm",
-           "spectral_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm")
-LAYER_KEYS = ("N", "M", "Q", "rf", "num_evals", "xmin", "xmax", "D", "sigma", "num_pl_spikes",
-              "matrix_rank", "status", "warning")
-DEMO_LAYERS = {"features.0", "features.2", "features.6",
-               "classifier.0", "classifier.3", "classifier.5"}
+METRICS = (
+    "alpha",
+    "rand_distance",
+    "stable_rank",
+    "entropy",
+    "norm",
+    "log_norm",
+    "spectral_norm",
+    "log_spectral_norm",
+    "alpha_weighted",
+    "log_alpha_norm",
+)
+LAYER_KEYS = (
+    "N",
+    "M",
+    "Q",
+    "rf",
+    "num_evals",
+    "xmin",
+    "xmax",
+    "D",
+    "sigma",
+    "num_pl_spikes",
+    "matrix_rank",
+    "status",
+    "warning",
+)
+DEMO_LAYERS = {
+    "features.0",
+    "features.2",
+    "features.6",
+    "classifier.0",
+    "classifier.3",
+    "classifier.5",
+}
 # The test checkpoint (see ``_state_dict``): four weight matrices, 27/48/10/20 eigenvalues.
 MODEL_LAYERS = {"features.0", "classifier.0", "classifier.2", "dead"}
 ALIVE_LAYERS = MODEL_LAYERS - {"dead"}  # "dead" is all zeros: its power-law fit fails
@@ -59,9 +89,20 @@ TIMEOUT = 180
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NO_COLOR", "FORCE_COLOR", "CLICOLOR_FORCE", "TTY_COMPATIBLE",
-                        "TTY_INTERACTIVE", "COLUMNS", "LINES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "NO_COLOR",
+            "FORCE_COLOR",
+            "CLICOLOR_FORCE",
+            "TTY_COMPATIBLE",
+            "TTY_INTERACTIVE",
+            "COLUMNS",
+            "LINES",
+        )
+    }
     # One BLAS/OpenMP thread per process: runs go in parallel, and on small machines threaded
     # LAPACK (eigvalsh) on these tiny matrices is far slower than a single thread.
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -70,22 +111,47 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def htsr(*args: str | os.PathLike, env: dict[str, str] | None = None,
-         cwd: str | os.PathLike | None = None, sub: str = "analyze"
-         ) -> subprocess.CompletedProcess[str]:
-    """``python -m htsr_cli SUB ARGS``; stdin closed, stdout/stderr captured (not a TTY)."""
+def htsr(
+    *args: str | os.PathLike,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    sub: str = "analyze",
+) -> subprocess.CompletedProcess[str]:
+    """``htsr SUB ARGS`` through the real CLI entry point, in process (clirunner); stdin
+    empty, stdout/stderr captured (not a TTY). ``htsr_process`` runs a real subprocess, and
+    so does a run whose environment puts a module on PYTHONPATH (the pickle payload must be
+    importable for a refusal to mean anything)."""
+    if env is not None and "PYTHONPATH" in env:
+        return htsr_process(*args, env=env, cwd=cwd, sub=sub)
+    return clirunner.run([*([sub] if sub else []), *args], env=env or _env(), cwd=cwd)
+
+
+def htsr_process(
+    *args: str | os.PathLike,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    sub: str = "analyze",
+) -> subprocess.CompletedProcess[str]:
+    """``python -m htsr_cli SUB ARGS`` in a new process: for what only a process shows."""
     cmd = [sys.executable, "-m", "htsr_cli", *([sub] if sub else []), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), cwd=cwd,
-                          stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=env or _env(),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        timeout=TIMEOUT,
+    )
 
 
-def run_many(calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]]
-             ) -> dict[str, subprocess.CompletedProcess[str]]:
+def run_many(
+    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
+) -> dict[str, subprocess.CompletedProcess[str]]:
     """Run ``htsr(*args, **kwargs)`` for every entry concurrently; results by key."""
     workers = max(2, min(len(calls), os.cpu_count() or 2, 12))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {key: pool.submit(htsr, *args, **kwargs)
-                   for key, (args, kwargs) in calls.items()}
+        futures = {key: pool.submit(htsr, *args, **kwargs) for key, (args, kwargs) in calls.items()}
         return {key: fut.result() for key, fut in futures.items()}
 
 
@@ -99,8 +165,9 @@ def run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
         master, slave = pty.openpty()
     except OSError as exc:  # no pseudo-terminals in this sandbox
         pytest.skip(f"no pty: {exc}")
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave,
-                            stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, env=env
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -142,6 +209,7 @@ def sha256(path: str | os.PathLike) -> str:
 
 def strict_json(text: str) -> Any:
     """``json.loads`` that refuses NaN/Infinity (not JSON, though Python writes them)."""
+
     def refuse(token: str) -> Any:
         raise AssertionError(f"non-JSON constant {token!r} in the output")
 
@@ -219,8 +287,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     (root / "random.safetensors").write_bytes(bytes(range(256)) * 16)
     (root / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
     (root / "empty_dir").mkdir()
-    save_file({"norm.weight": torch.ones(8), "head.bias": torch.zeros(3)},
-              str(root / "vectors.safetensors"))
+    save_file(
+        {"norm.weight": torch.ones(8), "head.bias": torch.zeros(3)},
+        str(root / "vectors.safetensors"),
+    )
 
     # A torch file that pickles an instance of a user class (importable via PYTHONPATH).
     code_dir = root / "code"
@@ -245,8 +315,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
 
 def test_checkpoint_fixture_is_what_the_tests_assume(files: Files) -> None:
     sd = _state_dict()
-    matrices = {k[: -len(".weight")] for k, v in sd.items()
-                if k.endswith(".weight") and v.ndim >= 2}
+    matrices = {
+        k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.ndim >= 2
+    }
     assert matrices == MODEL_LAYERS
 
 
@@ -256,12 +327,14 @@ def test_checkpoint_fixture_is_what_the_tests_assume(files: Files) -> None:
 
 @pytest.fixture(scope="module")
 def demo_runs() -> dict[str, subprocess.CompletedProcess[str]]:
-    return run_many({
-        "json": call("--format", "json"),  # no CKPT argument: the demo checkpoint
-        "table": call("--format", "table"),
-        "min_evals": call("--format", "json", "--metrics", "alpha", "--min-evals", "100"),
-        "glob_gate": call("--metrics", "alpha", "--fail-if", "alpha > 0 on 'classifier.*'"),
-    })
+    return run_many(
+        {
+            "json": call("--format", "json"),  # no CKPT argument: the demo checkpoint
+            "table": call("--format", "table"),
+            "min_evals": call("--format", "json", "--metrics", "alpha", "--min-evals", "100"),
+            "glob_gate": call("--metrics", "alpha", "--fail-if", "alpha > 0 on 'classifier.*'"),
+        }
+    )
 
 
 def test_demo_checkpoint_json_document(demo_runs: dict) -> None:
@@ -327,24 +400,26 @@ def format_runs(files: Files, tmp_path_factory: pytest.TempPathFactory) -> dict[
     existing = out / "existing.csv"
     existing.write_text(OLD)
     existing.chmod(0o640)
-    runs: dict[str, Any] = run_many({
-        "json_st": call(files.st, "--format", "json"),
-        "json_pt": call(files.pt, "--format", "json"),
-        "csv": call(files.st, "--format", "csv", "--min-evals", "25"),
-        "ndjson": call(files.pt, "--format", "ndjson", "--min-evals", "25"),
-        "table": call(files.st, "--format", "table", "--metrics", "alpha",
-                      env=_env(NO_COLOR="1")),
-        "ext_csv": call(files.st, "--metrics", "alpha", "-o", existing),
-        "ext_txt": call(files.st, "--metrics", "alpha", "-o", out / "r.txt"),
-        "dev_null": call(files.st, "--metrics", "alpha", "-o", "/dev/null"),
-    })
+    runs: dict[str, Any] = run_many(
+        {
+            "json_st": call(files.st, "--format", "json"),
+            "json_pt": call(files.pt, "--format", "json"),
+            "csv": call(files.st, "--format", "csv", "--min-evals", "25"),
+            "ndjson": call(files.pt, "--format", "ndjson", "--min-evals", "25"),
+            "table": call(
+                files.st, "--format", "table", "--metrics", "alpha", env=_env(NO_COLOR="1")
+            ),
+            "ext_csv": call(files.st, "--metrics", "alpha", "-o", existing),
+            "ext_txt": call(files.st, "--metrics", "alpha", "-o", out / "r.txt"),
+            "dev_null": call(files.st, "--metrics", "alpha", "-o", "/dev/null"),
+        }
+    )
     runs["dir"] = out
     runs["existing"] = existing
     return runs
 
 
-def test_json_safetensors_and_torch_give_the_same_layers(format_runs: dict, files: Files
-                                                         ) -> None:
+def test_json_safetensors_and_torch_give_the_same_layers(format_runs: dict, files: Files) -> None:
     docs = {}
     for key, path, fmt in (("json_st", files.st, "safetensors"), ("json_pt", files.pt, "torch")):
         proc = format_runs[key]
@@ -409,8 +484,12 @@ def test_ndjson(format_runs: dict) -> None:
     kinds = {rec["name"]: rec["record"] for rec in body}
     assert all(rec["record"] in ("layer", "skipped") for rec in body)
     assert len(body) == len(MODEL_LAYERS) and set(kinds) == MODEL_LAYERS
-    assert kinds == {"features.0": "layer", "classifier.0": "layer",
-                     "classifier.2": "skipped", "dead": "skipped"}
+    assert kinds == {
+        "features.0": "layer",
+        "classifier.0": "layer",
+        "classifier.2": "skipped",
+        "dead": "skipped",
+    }
     # torch files keep state-dict order.
     assert [rec["name"] for rec in body] == ["features.0", "classifier.0", "classifier.2", "dead"]
 
@@ -426,8 +505,7 @@ def test_table_in_a_pipe_when_asked_with_no_color(format_runs: dict) -> None:
         json.loads(proc.stdout)
 
 
-def test_output_extension_chooses_the_format_and_replaces_atomically(format_runs: dict
-                                                                    ) -> None:
+def test_output_extension_chooses_the_format_and_replaces_atomically(format_runs: dict) -> None:
     out, existing = format_runs["dir"], format_runs["existing"]
     assert_ok(format_runs["ext_csv"])
     assert format_runs["ext_csv"].stdout == ""
@@ -465,13 +543,22 @@ def test_input_files_are_never_modified(format_runs: dict, files: Files) -> None
 @pytest.mark.skipif(not Path("/bin/bash").exists(), reason="needs /bin/bash for pipefail")
 def test_json_through_a_shell_pipe(files: Files, tmp_path: Path) -> None:
     py = shlex.quote(sys.executable)
-    reader = ("import json,sys; d=json.load(sys.stdin); "
-              "print(d['schema'], len(d['layers']))")
-    script = (f"set -o pipefail; {py} -m htsr_cli analyze {shlex.quote(str(files.st))} "
-              f"--format json --metrics alpha 2>err.txt | tee out.json "
-              f"| {py} -c {shlex.quote(reader)}")
-    proc = subprocess.run(script, shell=True, executable="/bin/bash", cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    reader = "import json,sys; d=json.load(sys.stdin); print(d['schema'], len(d['layers']))"
+    script = (
+        f"set -o pipefail; {py} -m htsr_cli analyze {shlex.quote(str(files.st))} "
+        f"--format json --metrics alpha 2>err.txt | tee out.json "
+        f"| {py} -c {shlex.quote(reader)}"
+    )
+    proc = subprocess.run(
+        script,
+        shell=True,
+        executable="/bin/bash",
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["htsr.analysis/1", str(len(MODEL_LAYERS))]
     assert (tmp_path / "err.txt").read_text() == ""  # no progress bar or notes in a pipe
@@ -485,22 +572,32 @@ def test_ctrl_c_gives_exit_130_and_one_line(tmp_path: Path) -> None:
     'htsr: interrupted' on stderr, only whole NDJSON lines on stdout, no -o file left behind."""
     gen = torch.Generator().manual_seed(0)
     path = tmp_path / "many.safetensors"
-    save_file({f"l{i}.weight": torch.randn(700, 600, generator=gen) for i in range(40)},
-              str(path))
+    save_file({f"l{i}.weight": torch.randn(700, 600, generator=gen) for i in range(40)}, str(path))
     for target in (None, tmp_path / "report.json"):
         out_args = ["-o", str(target)] if target else []
-        cmd = [sys.executable, "-m", "htsr_cli", "analyze", str(path), "--format", "ndjson",
-               "--jobs", "2", "--no-progress", *out_args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=_env())
+        cmd = [
+            sys.executable,
+            "-m",
+            "htsr_cli",
+            "analyze",
+            str(path),
+            "--format",
+            "ndjson",
+            "--jobs",
+            "2",
+            "--no-progress",
+            *out_args,
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+        )
         assert proc.stdout is not None
         if target is None:
             first = proc.stdout.readline()  # a layer is done: the walk is under way
             assert json.loads(first)["record"] == "layer"
         else:  # -o streams NDJSON into a temporary file beside the target: wait for a line
             deadline = time.monotonic() + TIMEOUT
-            while not any(p.name != path.name and p.stat().st_size > 0
-                          for p in tmp_path.iterdir()):
+            while not any(p.name != path.name and p.stat().st_size > 0 for p in tmp_path.iterdir()):
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
@@ -515,10 +612,20 @@ def test_ctrl_c_gives_exit_130_and_one_line(tmp_path: Path) -> None:
 def test_reader_that_goes_away_is_not_a_gate_failure(files: Files) -> None:
     # typer turns EPIPE into exit 1 (the gate-failed code) unless htsr handles it first;
     # htsr_cli/errors.py documents 141 (128 + SIGPIPE), quietly, like any Unix filter.
-    cmd = [sys.executable, "-m", "htsr_cli", "analyze", str(files.st), "--format", "ndjson",
-           "--metrics", "alpha"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=_env())
+    cmd = [
+        sys.executable,
+        "-m",
+        "htsr_cli",
+        "analyze",
+        str(files.st),
+        "--format",
+        "ndjson",
+        "--metrics",
+        "alpha",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # the reader is gone before anything is written
     err = proc.stderr.read().decode()
@@ -543,31 +650,40 @@ class Bad:
 BAD: dict[str, Bad] = {
     "missing-path": Bad(("{root}/nope.safetensors",), ("nope.safetensors", "does not exist")),
     "empty-directory": Bad(("{root}/empty_dir",), ("empty_dir", "empty directory")),
-    "truncated-safetensors": Bad(("{root}/truncated.safetensors",),
-                                 ("truncated.safetensors",), existing_output=True),
+    "truncated-safetensors": Bad(
+        ("{root}/truncated.safetensors",), ("truncated.safetensors",), existing_output=True
+    ),
     "random-bytes-safetensors": Bad(("{root}/random.safetensors",), ("random.safetensors",)),
     "truncated-pt": Bad(("{root}/truncated.pt",), ("truncated.pt",), existing_output=True),
     "unknown-extension": Bad(("{root}/model.onnx",), ("model.onnx",)),
-    "no-weight-matrix": Bad(("{root}/vectors.safetensors",),
-                            ("vectors.safetensors", "no weight matrix")),
-    "needs-trust-pickle": Bad(("{root}/pickled.pt",), ("pickled.pt", "--trust-pickle"),
-                              pickle_env=True),
+    "no-weight-matrix": Bad(
+        ("{root}/vectors.safetensors",), ("vectors.safetensors", "no weight matrix")
+    ),
+    "needs-trust-pickle": Bad(
+        ("{root}/pickled.pt",), ("pickled.pt", "--trust-pickle"), pickle_env=True
+    ),
     "unknown-metric": Bad(("{root}/model.safetensors", "--metrics", "alpha,foo"), ("foo",)),
-    "unknown-fit": Bad(("{root}/model.safetensors", "--fit", "bar"), ("bar",),
-                       existing_output=True),
+    "unknown-fit": Bad(
+        ("{root}/model.safetensors", "--fit", "bar"), ("bar",), existing_output=True
+    ),
     "device-cuda-absent": Bad(("{root}/model.safetensors", "--device", "cuda"), ("cuda",)),
-    "unknown-option": Bad(("{root}/model.safetensors", "--bogus"), ("--bogus",),
-                          existing_output=True),
-    "bad-int-option": Bad(("{root}/model.safetensors", "--min-evals", "many"),
-                          ("--min-evals",)),
+    "unknown-option": Bad(
+        ("{root}/model.safetensors", "--bogus"), ("--bogus",), existing_output=True
+    ),
+    "bad-int-option": Bad(("{root}/model.safetensors", "--min-evals", "many"), ("--min-evals",)),
     "jobs-zero": Bad(("{root}/model.safetensors", "--jobs", "0"), ("--jobs",)),
-    "layers-match-nothing": Bad(("{root}/model.safetensors", "--layers", "nomatch*"),
-                                ("no layer matches", "nomatch*")),
-    "malformed-gate": Bad(("{root}/model.safetensors", "--fail-if", "alpha >> 6"),
-                          ("alpha >> 6", "malformed"), existing_output=True),
-    "gate-metric-not-computed": Bad(("{root}/model.safetensors", "--metrics", "alpha",
-                                     "--fail-if", "stable_rank > 1"),
-                                    ("stable_rank", "--metrics")),
+    "layers-match-nothing": Bad(
+        ("{root}/model.safetensors", "--layers", "nomatch*"), ("no layer matches", "nomatch*")
+    ),
+    "malformed-gate": Bad(
+        ("{root}/model.safetensors", "--fail-if", "alpha >> 6"),
+        ("alpha >> 6", "malformed"),
+        existing_output=True,
+    ),
+    "gate-metric-not-computed": Bad(
+        ("{root}/model.safetensors", "--metrics", "alpha", "--fail-if", "stable_rank > 1"),
+        ("stable_rank", "--metrics"),
+    ),
 }
 
 
@@ -617,8 +733,12 @@ def test_output_onto_the_input_is_refused(files: Files, tmp_path: Path) -> None:
     hf.mkdir()
     (hf / "model.safetensors").write_bytes(files.st.read_bytes())
     before = ckpt.read_bytes()
-    procs = run_many({"file": call(ckpt, "-o", ckpt),
-                      "dir": call(hf, "--format", "json", "-o", hf / "model.safetensors")})
+    procs = run_many(
+        {
+            "file": call(ckpt, "-o", ckpt),
+            "dir": call(hf, "--format", "json", "-o", hf / "model.safetensors"),
+        }
+    )
     for proc in procs.values():
         assert_one_line_error(proc, "is an input file")
     assert ckpt.read_bytes() == before == (hf / "model.safetensors").read_bytes()
@@ -633,8 +753,15 @@ def test_output_into_a_missing_directory(bad_runs: dict) -> None:
 
 
 def test_trust_pickle_loads_a_file_that_needs_code(files: Files) -> None:
-    proc = htsr(files.pickle_pt, "--trust-pickle", "--format", "json", "--metrics", "alpha",
-                env=files.pickle_env())
+    proc = htsr(
+        files.pickle_pt,
+        "--trust-pickle",
+        "--format",
+        "json",
+        "--metrics",
+        "alpha",
+        env=files.pickle_env(),
+    )
     assert_ok(proc)
     doc = strict_json(proc.stdout)
     assert set(layer_names(doc)) == MODEL_LAYERS
@@ -648,13 +775,31 @@ def test_trust_pickle_loads_a_file_that_needs_code(files: Files) -> None:
 @pytest.fixture(scope="module")
 def gate_runs(files: Files, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("gates")
-    runs: dict[str, Any] = run_many({
-        "pass": call(files.st, "--metrics", "alpha", "--fail-if", "alpha > 100",
-                     "--fail-if", "count(alpha > 0) > 100"),
-        "per_layer": call(files.st, "--metrics", "alpha", "--fail-if", "alpha > 0",
-                          "--format", "json", "-o", out / "r.json"),
-        "mean": call(files.st, "--metrics", "alpha", "--fail-if", "mean(alpha) > 0"),
-    })
+    runs: dict[str, Any] = run_many(
+        {
+            "pass": call(
+                files.st,
+                "--metrics",
+                "alpha",
+                "--fail-if",
+                "alpha > 100",
+                "--fail-if",
+                "count(alpha > 0) > 100",
+            ),
+            "per_layer": call(
+                files.st,
+                "--metrics",
+                "alpha",
+                "--fail-if",
+                "alpha > 0",
+                "--format",
+                "json",
+                "-o",
+                out / "r.json",
+            ),
+            "mean": call(files.st, "--metrics", "alpha", "--fail-if", "mean(alpha) > 0"),
+        }
+    )
     runs["dir"] = out
     return runs
 
@@ -668,7 +813,8 @@ def test_passing_gates_exit_0(gate_runs: dict) -> None:
 
 
 def test_failing_per_layer_gate_exit_1_lists_offenders_and_still_writes_report(
-        gate_runs: dict) -> None:
+    gate_runs: dict,
+) -> None:
     proc = gate_runs["per_layer"]
     assert_ok(proc, code=1)
     assert proc.stdout == ""
@@ -699,13 +845,33 @@ def test_failing_aggregate_gate_exit_1(gate_runs: dict) -> None:
 
 @pytest.fixture(scope="module")
 def select_runs(files: Files) -> dict[str, subprocess.CompletedProcess[str]]:
-    return run_many({
-        "metrics": call(files.st, "--format", "json", "--metrics", "stable_rank, alpha"),
-        "layers": call(files.st, "--format", "json", "--metrics", "alpha",
-                       "--layers", "classifier.*", "--exclude", "*.2"),
-        "repeat": call(files.pt, "--format", "json", "--metrics", "alpha",
-                       "--layers", "features.*", "--layers", "dead"),
-    })
+    return run_many(
+        {
+            "metrics": call(files.st, "--format", "json", "--metrics", "stable_rank, alpha"),
+            "layers": call(
+                files.st,
+                "--format",
+                "json",
+                "--metrics",
+                "alpha",
+                "--layers",
+                "classifier.*",
+                "--exclude",
+                "*.2",
+            ),
+            "repeat": call(
+                files.pt,
+                "--format",
+                "json",
+                "--metrics",
+                "alpha",
+                "--layers",
+                "features.*",
+                "--layers",
+                "dead",
+            ),
+        }
+    )
 
 
 def test_metrics_subset(select_runs: dict) -> None:
@@ -734,9 +900,12 @@ def test_layers_and_exclude_globs(select_runs: dict) -> None:
 
 
 def test_seed_makes_rand_distance_reproducible(files: Files) -> None:
-    procs = run_many({key: call(files.st, "--format", "json", "--metrics", "rand_distance",
-                                "--seed", seed)
-                      for key, seed in (("a", "7"), ("b", "7"), ("c", "8"))})
+    procs = run_many(
+        {
+            key: call(files.st, "--format", "json", "--metrics", "rand_distance", "--seed", seed)
+            for key, seed in (("a", "7"), ("b", "7"), ("c", "8"))
+        }
+    )
     values = {}
     for key, proc in procs.items():
         assert_ok(proc)
@@ -749,8 +918,9 @@ def test_seed_makes_rand_distance_reproducible(files: Files) -> None:
 
 def test_jobs_change_nothing_but_speed(files: Files) -> None:
     """Layers analysed one at a time or three at once: same document, same streaming order."""
-    procs = run_many({jobs: call(files.st, "--format", "ndjson", "--jobs", jobs)
-                      for jobs in ("1", "3")})
+    procs = run_many(
+        {jobs: call(files.st, "--format", "ndjson", "--jobs", jobs) for jobs in ("1", "3")}
+    )
     lines = {}
     for jobs, proc in procs.items():
         assert_ok(proc)
@@ -784,8 +954,7 @@ def _assert_close(a: Any, b: Any, where: str) -> None:
 
 def test_help_mentions_gates_and_exit_codes() -> None:
     env = _env(COLUMNS="200")
-    procs = run_many({"root": call("--help", env=env, sub=""),
-                      "analyze": call("--help", env=env)})
+    procs = run_many({"root": call("--help", env=env, sub=""), "analyze": call("--help", env=env)})
     for key, proc in procs.items():
         assert_ok(proc)
         text = " ".join(proc.stdout.split())
@@ -803,8 +972,10 @@ def test_help_mentions_gates_and_exit_codes() -> None:
 @pytest.fixture(scope="module")
 def tty_runs(files: Files) -> dict[str, tuple[int, str, str]]:
     cmd = [sys.executable, "-m", "htsr_cli", "analyze", str(files.st), "--metrics", "alpha"]
-    envs = {"color": _env(TERM="xterm-256color"),
-            "no_color": _env(TERM="xterm-256color", NO_COLOR="1")}
+    envs = {
+        "color": _env(TERM="xterm-256color"),
+        "no_color": _env(TERM="xterm-256color", NO_COLOR="1"),
+    }
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {key: pool.submit(run_in_pty, cmd, env) for key, env in envs.items()}
         return {key: fut.result() for key, fut in futures.items()}

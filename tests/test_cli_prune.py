@@ -17,20 +17,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import clirunner
 import pytest
 import torch
 from safetensors import safe_open
 
 from htsr_cli.cli import main
-from htsr_cli.data import default_checkpoint, load_digits
-from htsr_cli.pruning import load_pruned_model, read_prune_record
+from htsr_cli.finetune.data import default_checkpoint, load_digits
+from htsr_cli.prune import load_pruned_model, read_prune_record
 
 TIMEOUT = 180
 CKPT = str(default_checkpoint())
 
 # A user architecture with the digits CNN's layout and parameter names (scripts/
 # train_default.py), so that --arch module:function can rebuild the built-in checkpoint.
-FACTORY = textwrap.dedent('''
+FACTORY = textwrap.dedent("""
     from collections import OrderedDict
 
     from torch import nn
@@ -48,25 +49,28 @@ FACTORY = textwrap.dedent('''
 
 
     digits_cnn.input_size = (1, 8, 8)
-''')
+""")
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES")
+    }
     env["OMP_NUM_THREADS"] = "1"
     return env
 
 
 def htsr(*args: Any, cwd: Any = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "htsr_cli", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd,
-                          stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+    """``htsr ARGS`` through the real CLI entry point, in process (clirunner)."""
+    return clirunner.run(list(args), env=_env(), cwd=cwd)
 
 
 def shell(command: str, cwd: Any = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, shell=True, capture_output=True, text=True, env=_env(),
-                          cwd=cwd, timeout=TIMEOUT)
+    return subprocess.run(
+        command, shell=True, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=TIMEOUT
+    )
 
 
 def strict_json(text: str) -> Any:
@@ -88,14 +92,37 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (tmp / "digits_arch.py").write_text(FACTORY)
     q = f"'{CKPT}'"
     calls = {
-        "json": (htsr, ("prune", CKPT, "--sparsity", "0.5", "--format", "json",
-                        "-o", tmp / "u.safetensors"), {}),
-        "pipe": (shell, (f"{sys.executable} -m htsr_cli analyze {q} --format json | "
-                         f"{sys.executable} -m htsr_cli prune - --sparsity 0.3 --method erk "
-                         "--format json",), {}),
-        "structured": (htsr, ("prune", CKPT, "--structured", "--arch", "digits_arch:digits_cnn",
-                              "--sparsity", "0.5", "--importance", "l1",
-                              "-o", tmp / "s.safetensors"), {"cwd": tmp}),
+        "json": (
+            htsr,
+            ("prune", CKPT, "--sparsity", "0.5", "--format", "json", "-o", tmp / "u.safetensors"),
+            {},
+        ),
+        "pipe": (
+            shell,
+            (
+                f"{sys.executable} -m htsr_cli analyze {q} --format json | "
+                f"{sys.executable} -m htsr_cli prune - --sparsity 0.3 --method erk "
+                "--format json",
+            ),
+            {},
+        ),
+        "structured": (
+            htsr,
+            (
+                "prune",
+                CKPT,
+                "--structured",
+                "--arch",
+                "digits_arch:digits_cnn",
+                "--sparsity",
+                "0.5",
+                "--importance",
+                "l1",
+                "-o",
+                tmp / "s.safetensors",
+            ),
+            {"cwd": tmp},
+        ),
         "bad": (htsr, ("prune", CKPT, "--sparsity", "1.5", "-o", tmp / "bad.safetensors"), {}),
     }
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
@@ -130,8 +157,13 @@ def test_plan_from_an_analysis_on_stdin(runs):
     assert doc["source"]["analysis"] == "stdin" and doc["method"] == "erk"
     assert doc["metric"] is None and doc["groups"] == []
     assert abs(doc["achieved"]["sparsity"] - 0.3) < 1e-5
-    assert {x["name"] for x in doc["layers"]} == {"features.0", "features.2", "features.6",
-                                                  "classifier.0", "classifier.3"}
+    assert {x["name"] for x in doc["layers"]} == {
+        "features.0",
+        "features.2",
+        "features.6",
+        "classifier.0",
+        "classifier.3",
+    }
 
 
 def test_structured_with_a_user_arch_and_its_table(runs):
@@ -177,27 +209,38 @@ def _error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--sparsity", "0.5", "--method", "magnitude"], "unknown method 'magnitude'"),
-    (["--sparsity", "0.5", "--metric", "alfa"], "unknown metric 'alfa'"),
-    (["--sparsity", "0.5", "--structured"], "needs --arch"),
-    (["--sparsity", "0.5", "--structured", "--arch", "resnet7"], "unknown arch 'resnet7'"),
-    (["--sparsity", "0.5", "--structured", "--arch", "not_a_module_abc:build"],
-     "cannot import"),
-    (["--sparsity", "0.5", "--format", "csv"], "unknown --format 'csv'"),
-    (["--sparsity", "0.5", "--eps", "1.5"], "--eps must be in [0, 1)"),
-    (["--sparsity", "0.5", "--structured", "--unstructured"], "choose one of"),
-    (["--keep-params", "999999999"], "--keep-params must be an integer"),
-    (["--sparsity", "0.5", "--unstructured", "--arch", "resnet18"],
-     "its classifier 'fc' is not a layer of"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--sparsity", "0.5", "--method", "magnitude"], "unknown method 'magnitude'"),
+        (["--sparsity", "0.5", "--metric", "alfa"], "unknown metric 'alfa'"),
+        (["--sparsity", "0.5", "--structured"], "needs --arch"),
+        (["--sparsity", "0.5", "--structured", "--arch", "resnet7"], "unknown arch 'resnet7'"),
+        (
+            ["--sparsity", "0.5", "--structured", "--arch", "not_a_module_abc:build"],
+            "cannot import",
+        ),
+        (["--sparsity", "0.5", "--format", "csv"], "unknown --format 'csv'"),
+        (["--sparsity", "0.5", "--eps", "1.5"], "--eps must be in [0, 1)"),
+        (["--sparsity", "0.5", "--structured", "--unstructured"], "choose one of"),
+        (["--keep-params", "999999999"], "--keep-params must be an integer"),
+        (
+            ["--sparsity", "0.5", "--unstructured", "--arch", "resnet18"],
+            "its classifier 'fc' is not a layer of",
+        ),
+    ],
+)
 def test_bad_options_exit_2_with_one_line(capsys, args, needle):
     assert needle in _error(capsys, CKPT, *args)
 
 
 def test_a_plan_with_a_malformed_target_names_the_target(capsys, tmp_path):
-    plan = {"schema": "htsr.prune-plan/1", "method": "uniform", "target": {"sparsity": "half"},
-            "layers": [{"name": "features.2", "budget": 0.5}]}
+    plan = {
+        "schema": "htsr.prune-plan/1",
+        "method": "uniform",
+        "target": {"sparsity": "half"},
+        "layers": [{"name": "features.2", "budget": 0.5}],
+    }
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     line = _error(capsys, CKPT, "--plan", str(path))
@@ -205,8 +248,12 @@ def test_a_plan_with_a_malformed_target_names_the_target(capsys, tmp_path):
 
 
 def test_a_plan_naming_layers_the_model_lacks(capsys, tmp_path):
-    plan = {"schema": "htsr.prune-plan/1", "method": "uniform", "target": {"sparsity": 0.5},
-            "layers": [{"name": "encoder.block.0", "budget": 0.5}]}
+    plan = {
+        "schema": "htsr.prune-plan/1",
+        "method": "uniform",
+        "target": {"sparsity": 0.5},
+        "layers": [{"name": "encoder.block.0", "budget": 0.5}],
+    }
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     out = tmp_path / "out.safetensors"

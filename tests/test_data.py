@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from htsr_cli.data import DEFAULT_CHECKPOINT, default_checkpoint, load_digits
 from htsr_cli.errors import InputError
+from htsr_cli.finetune.data import DEFAULT_CHECKPOINT, default_checkpoint, load_digits
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_default.py"
 
@@ -86,9 +86,9 @@ def test_train_and_test_partition_all() -> None:
     # same multiset of (image, label) rows: train + test is a permutation of all
     assert _rows(torch.cat([xtr, xte]), torch.cat([ytr, yte])) == _rows(xa, ya)
     # disjoint by construction: the split is a boolean mask over the 1797 indices
-    from htsr_cli.data import _data_path
+    from htsr_cli.assets import digits_npz
 
-    with np.load(_data_path("digits.npz")) as npz:
+    with np.load(digits_npz()) as npz:
         mask = npz["test_mask"]
     assert mask.dtype == bool and mask.shape == (1797,)
     assert mask.sum() == xte.shape[0] and (~mask).sum() == xtr.shape[0]

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from htsr_cli.data import (
+from htsr_cli.errors import InputError
+from htsr_cli.finetune.data import (
     augment,
     channel_stats,
     crop_flip,
@@ -30,7 +31,6 @@ from htsr_cli.data import (
     load_digits,
     read_cifar,
 )
-from htsr_cli.errors import InputError
 
 # ------------------------------------------------------------------------------------------
 # Writers of the official formats
@@ -120,15 +120,26 @@ def cifar10_python(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     xs, ys = [], []
     for i, n in enumerate(TRAIN_SIZES, 1):
         x, y = images(n, i), [int(v) for v in np.random.default_rng(i).integers(0, 10, n)]
-        doc = {b"batch_label": f"training batch {i} of 5".encode(), b"labels": y,
-               b"data": rows(x), b"filenames": [f"img_{i}_{j}.png".encode() for j in range(n)]}
+        doc = {
+            b"batch_label": f"training batch {i} of 5".encode(),
+            b"labels": y,
+            b"data": rows(x),
+            b"filenames": [f"img_{i}_{j}.png".encode() for j in range(n)],
+        }
         (folder / f"data_batch_{i}").write_bytes(py2_pickle(doc))
         xs.append(x)
         ys += y
     tx, ty = images(5, 99), [9, 0, 3, 3, 7]
-    (folder / "test_batch").write_bytes(py2_pickle(
-        {b"batch_label": b"testing batch 1 of 1", b"labels": ty, b"data": rows(tx),
-         b"filenames": [b"t.png"] * 5}))
+    (folder / "test_batch").write_bytes(
+        py2_pickle(
+            {
+                b"batch_label": b"testing batch 1 of 1",
+                b"labels": ty,
+                b"data": rows(tx),
+                b"filenames": [b"t.png"] * 5,
+            }
+        )
+    )
     return np.concatenate(xs), np.array(ys), tx, np.array(ty)
 
 
@@ -188,10 +199,17 @@ def test_cifar100_both_layouts(tmp_path: Path) -> None:
     py = tmp_path / "py" / "cifar-100-python"
     py.mkdir(parents=True)
     for name, xx, f, c in (("train", x, fine, coarse), ("test", tx, tfine, tcoarse)):
-        (py / name).write_bytes(py2_pickle({
-            b"filenames": [b"a.png"] * len(xx), b"batch_label": name.encode(),
-            b"fine_labels": [int(v) for v in f], b"coarse_labels": [int(v) for v in c],
-            b"data": rows(xx)}))
+        (py / name).write_bytes(
+            py2_pickle(
+                {
+                    b"filenames": [b"a.png"] * len(xx),
+                    b"batch_label": name.encode(),
+                    b"fine_labels": [int(v) for v in f],
+                    b"coarse_labels": [int(v) for v in c],
+                    b"data": rows(xx),
+                }
+            )
+        )
     binary = tmp_path / "bin"
     binary.mkdir()
     (binary / "train.bin").write_bytes(binary_records(x, coarse, fine))
@@ -229,8 +247,11 @@ def test_cifar_bad_directories(tmp_path: Path) -> None:
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "data_batch_1").write_bytes(b"")
-    with pytest.raises(InputError, match=r"not a cifar10 directory.*data_batch_1 \.\. "
-                                         r"data_batch_5, test_batch"):
+    with pytest.raises(
+        InputError,
+        match=r"not a cifar10 directory.*data_batch_1 \.\. "
+        r"data_batch_5, test_batch",
+    ):
         load_dataset(f"cifar10:{partial}")
     with pytest.raises(InputError, match="not a cifar100 directory"):  # CIFAR-10 files
         cifar10_binary(tmp_path / "c10")
@@ -238,8 +259,7 @@ def test_cifar_bad_directories(tmp_path: Path) -> None:
     (tmp_path / "c10" / "test_batch.bin").write_bytes(b"\x00" * 3000)
     with pytest.raises(InputError, match="whole number of 3073-byte records"):
         load_dataset(f"cifar10:{tmp_path / 'c10'}")
-    (tmp_path / "c10" / "test_batch.bin").write_bytes(binary_records(images(1, 0),
-                                                                     np.array([10])))
+    (tmp_path / "c10" / "test_batch.bin").write_bytes(binary_records(images(1, 0), np.array([10])))
     with pytest.raises(InputError, match="out of range"):
         load_dataset(f"cifar10:{tmp_path / 'c10'}")
     with pytest.raises(InputError, match="give the directory"):
@@ -254,9 +274,12 @@ def test_cifar_bad_directories(tmp_path: Path) -> None:
 
 def test_tensor_files(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    d = {"train_x": rng.random((7, 12, 12), dtype=np.float32),
-         "train_y": np.array([0, 1, 2, 3, 4, 0, 1]),
-         "test_x": rng.random((3, 12, 12), dtype=np.float32), "test_y": np.array([4, 4, 2])}
+    d = {
+        "train_x": rng.random((7, 12, 12), dtype=np.float32),
+        "train_y": np.array([0, 1, 2, 3, 4, 0, 1]),
+        "test_x": rng.random((3, 12, 12), dtype=np.float32),
+        "test_y": np.array([4, 4, 2]),
+    }
     tensors = {k: torch.from_numpy(v) for k, v in d.items()}
     save_file(tensors, tmp_path / "d.safetensors")
     torch.save(tensors, tmp_path / "d.pt")
@@ -298,7 +321,7 @@ def test_augment_matches_per_image_crop_and_flip() -> None:
     padded = torch.zeros(16, 3, 40, 40)
     padded[:, :, 4:36, 4:36] = x
     for i in range(16):
-        crop = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        crop = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
         expected = crop.flip(2) if flips[i] else crop
         assert torch.equal(out[i], expected)
 
@@ -323,8 +346,10 @@ def test_fit_to_input() -> None:
     assert torch.allclose(fit_to_input(torch.ones(2, 3, 5, 5), (1, 5, 5)), torch.ones(2, 1, 5, 5))
     with pytest.raises(InputError, match="2 channels"):
         fit_to_input(torch.zeros(1, 2, 4, 4), (3, 4, 4))
-    assert torch.equal(fit_to_input(torch.ones(1, 1, 8, 8), (3, 32, 32)),
-                       F.interpolate(torch.ones(1, 3, 8, 8), size=(32, 32), mode="bilinear"))
+    assert torch.equal(
+        fit_to_input(torch.ones(1, 1, 8, 8), (3, 32, 32)),
+        F.interpolate(torch.ones(1, 3, 8, 8), size=(32, 32), mode="bilinear"),
+    )
 
 
 def test_channel_stats() -> None:

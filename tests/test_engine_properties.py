@@ -10,13 +10,22 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from htsr_cli.analysis import analyze_layer
-from htsr_cli.fit import fit_power_law
-from htsr_cli.spectrum import eigenvalues
+from htsr_cli.engine.analysis import analyze_layer
+from htsr_cli.engine.fit import fit_power_law
+from htsr_cli.engine.spectrum import eigenvalues
 
 SHAPE_FREE = ("stable_rank", "entropy")
-ALL = ("alpha", "stable_rank", "entropy", "norm", "log_norm", "spectral_norm",
-       "log_spectral_norm", "alpha_weighted", "log_alpha_norm")
+ALL = (
+    "alpha",
+    "stable_rank",
+    "entropy",
+    "norm",
+    "log_norm",
+    "spectral_norm",
+    "log_spectral_norm",
+    "alpha_weighted",
+    "log_alpha_norm",
+)
 
 
 def _heavy(seed: int, rows: int, cols: int) -> torch.Tensor:
@@ -32,8 +41,7 @@ def _close(a: float, b: float, rel: float) -> bool:
 
 
 shapes = st.tuples(st.integers(24, 90), st.integers(24, 90))
-SETTINGS = settings(max_examples=15, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -197,7 +205,7 @@ def test_cuda_matches_cpu():
 def test_gram_summed_over_row_blocks_gives_the_squared_singular_values(monkeypatch, shape):
     """Large layers build their Gram from float64 row blocks (spectrum.GRAM_BLOCK_BYTES); a tiny
     block size forces many blocks. Oracle: numpy's SVD of each slice in float64."""
-    from htsr_cli import spectrum
+    from htsr_cli.engine import spectrum
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(11)) * 0.3
     mats = spectrum.slices(w).numpy().astype(np.float64)

@@ -24,14 +24,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from htsr_cli.allocation import allocate
-from htsr_cli.analysis import analyze
+from htsr_cli.allocate.schemes import allocate
 from htsr_cli.cli import main
-from htsr_cli.data import default_checkpoint, load_digits
+from htsr_cli.engine.analysis import analyze
+from htsr_cli.finetune.api import FinetuneConfig, finetune, scheduled_lr
+from htsr_cli.finetune.data import default_checkpoint, load_digits
 from htsr_cli.models import count_params
-from htsr_cli.pruning import load_pruned_model, read_prune_record
-from htsr_cli.pruning.api import prune
-from htsr_cli.training import FinetuneConfig, finetune, scheduled_lr
+from htsr_cli.prune import load_pruned_model, read_prune_record
+from htsr_cli.prune.api import prune
 
 VGG = {"arch": "vgg19", "width": 0.125, "data": "digits", "batch_size": 32}
 VGG_PARAMS = 315_698  # VGG19-BN at 1/8 width, 10 classes
@@ -97,9 +97,16 @@ def pruned(work: Path, dense: Path) -> dict[str, Path]:
     out = {}
     for name, structured in (("uniform", True), ("magnitude", False)):
         out[name] = work / f"{name}.safetensors"
-        prune(str(dense / "model.safetensors"), sparsity=0.5, method="uniform",
-              structured=structured, unstructured=not structured, arch="vgg19", width=0.125,
-              output=str(out[name]))
+        prune(
+            str(dense / "model.safetensors"),
+            sparsity=0.5,
+            method="uniform",
+            structured=structured,
+            unstructured=not structured,
+            arch="vgg19",
+            width=0.125,
+            output=str(out[name]),
+        )
     return out
 
 
@@ -119,8 +126,9 @@ def test_training_from_scratch(dense: Path) -> None:
     # on the saved weights with the same fit
     ref = analyze(str(dense / "model.safetensors"), metrics=["alpha"], fit="median")
     assert hist[-1]["metric_name"] == "alpha"
-    assert hist[-1]["metric"] == pytest.approx({r["name"]: r["alpha"] for r in ref.layers},
-                                               rel=1e-9)
+    assert hist[-1]["metric"] == pytest.approx(
+        {r["name"]: r["alpha"] for r in ref.layers}, rel=1e-9
+    )
     # model.safetensors records the model's key order: analyze lists its layers as the model does
     assert [r["name"] for r in ref.layers] == list(hist[-1]["metric"])
     assert [r["name"] for r in ref.layers][:2] == ["features.0", "features.3"]
@@ -132,8 +140,16 @@ def test_plan_multipliers_reach_the_optimizer(work: Path, pruned: dict[str, Path
     assert len(set(mult.values())) > 3  # a plan worth testing
     (work / "plan.json").write_text(json.dumps(plan.to_dict()))
     run = work / "uniform-plan"
-    doc = finetune(FinetuneConfig(**VGG, epochs=2, lr=0.02, output=str(run),
-                                  init=str(pruned["uniform"]), lr_plan=str(work / "plan.json")))
+    doc = finetune(
+        FinetuneConfig(
+            **VGG,
+            epochs=2,
+            lr=0.02,
+            output=str(run),
+            init=str(pruned["uniform"]),
+            lr_plan=str(work / "plan.json"),
+        )
+    )
     hist = history(run)
     for r in hist:
         base = scheduled_lr(0.02, r["epoch"], 2)
@@ -145,7 +161,8 @@ def test_plan_multipliers_reach_the_optimizer(work: Path, pruned: dict[str, Path
     state = torch.load(run / "state.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert {g["htsr_layer"]: g["lr"] for g in groups if g["htsr_layer"]} == {
-        k: v for k, v in hist[-1]["lr"].items() if k != "base"}
+        k: v for k, v in hist[-1]["lr"].items() if k != "base"
+    }
     pruned_model = load_pruned_model(pruned["uniform"])
     assert doc["method"] == "uniform" and doc["lr_mode"] == "plan"
     assert doc["params_total"] == count_params(pruned_model) < VGG_PARAMS / 1.8
@@ -157,8 +174,16 @@ def test_plan_multipliers_reach_the_optimizer(work: Path, pruned: dict[str, Path
 
 def test_reallocation_changes_multipliers(work: Path, pruned: dict[str, Path]) -> None:
     run = work / "uniform-realloc"
-    doc = finetune(FinetuneConfig(**VGG, epochs=3, lr=0.02, output=str(run),
-                                  init=str(pruned["uniform"]), allocate="tb-linear"))
+    doc = finetune(
+        FinetuneConfig(
+            **VGG,
+            epochs=3,
+            lr=0.02,
+            output=str(run),
+            init=str(pruned["uniform"]),
+            allocate="tb-linear",
+        )
+    )
     hist = history(run)
     assert doc["method"] == "uniform" and doc["lr_mode"] == "reallocate:tb-linear"
     assert doc["test_acc"] > 5 * CHANCE
@@ -181,10 +206,34 @@ def test_reallocation_changes_multipliers(work: Path, pruned: dict[str, Path]) -
 def test_global_lr_from_the_command_line(work: Path, pruned: dict[str, Path]) -> None:
     run = work / "uniform-global"
     proc = subprocess.run(
-        [sys.executable, "-m", "htsr_cli", "finetune", "--arch", "vgg19", "--data", "digits",
-         "--init", pruned["uniform"], "--epochs", "1", "--lr", "0.02",
-         "--batch-size", "32", "--no-track-metric", "--label", "baseline", "-o", run],
-        capture_output=True, text=True, env=env(), timeout=TIMEOUT)
+        [
+            sys.executable,
+            "-m",
+            "htsr_cli",
+            "finetune",
+            "--arch",
+            "vgg19",
+            "--data",
+            "digits",
+            "--init",
+            pruned["uniform"],
+            "--epochs",
+            "1",
+            "--lr",
+            "0.02",
+            "--batch-size",
+            "32",
+            "--no-track-metric",
+            "--label",
+            "baseline",
+            "-o",
+            run,
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # stdout is a pipe: the summary as JSON
     assert doc == final(run)
@@ -202,12 +251,20 @@ def test_densenet40_four_settings(tmp_path: Path) -> None:
     docs = {}
     for method in ("uniform", "metric"):
         ckpt = tmp_path / f"{method}.safetensors"
-        prune(str(dense / "model.safetensors"), sparsity=0.5, method=method, structured=True,
-              arch="densenet40", width=0.5, output=str(ckpt))
+        prune(
+            str(dense / "model.safetensors"),
+            sparsity=0.5,
+            method=method,
+            structured=True,
+            arch="densenet40",
+            width=0.5,
+            output=str(ckpt),
+        )
         for lr_mode, extra in (("global", {}), ("layerwise", {"allocate": "tb-linear"})):
             run = tmp_path / f"{method}-{lr_mode}"
-            docs[method, lr_mode] = finetune(FinetuneConfig(
-                **cfg, init=str(ckpt), epochs=1, lr=0.05, output=str(run), **extra))
+            docs[method, lr_mode] = finetune(
+                FinetuneConfig(**cfg, init=str(ckpt), epochs=1, lr=0.05, output=str(run), **extra)
+            )
             first = history(run)[0]
             if lr_mode == "global":
                 assert list(first["lr"]) == ["base"]
@@ -215,8 +272,11 @@ def test_densenet40_four_settings(tmp_path: Path) -> None:
                 assert min(multipliers(first).values()) == pytest.approx(0.5)
                 assert max(multipliers(first).values()) == pytest.approx(1.5)
     assert {(d["method"], d["lr_mode"]) for d in docs.values()} == {
-        ("uniform", "global"), ("uniform", "reallocate:tb-linear"), ("alpha", "global"),
-        ("alpha", "reallocate:tb-linear")}
+        ("uniform", "global"),
+        ("uniform", "reallocate:tb-linear"),
+        ("alpha", "global"),
+        ("alpha", "reallocate:tb-linear"),
+    }
     dense_params = final(dense)["params_total"]
     for d in docs.values():
         assert 0.4 * dense_params < d["params_total"] < 0.6 * dense_params
@@ -228,8 +288,16 @@ def test_densenet40_four_settings(tmp_path: Path) -> None:
 
 
 def masked_run(output: Path, init: Path, **kw: Any) -> FinetuneConfig:
-    return FinetuneConfig(**VGG, epochs=3, lr=0.03, output=str(output), init=str(init),
-                          keep_masks=True, allocate="tb-linear", **kw)
+    return FinetuneConfig(
+        **VGG,
+        epochs=3,
+        lr=0.03,
+        output=str(output),
+        init=str(init),
+        keep_masks=True,
+        allocate="tb-linear",
+        **kw,
+    )
 
 
 def test_exact_resume(work: Path, pruned: dict[str, Path]) -> None:
@@ -240,8 +308,7 @@ def test_exact_resume(work: Path, pruned: dict[str, Path]) -> None:
     part = finetune(masked_run(resumed, init), stop_after=1)
     assert part["epochs"] == 1 and not (resumed / "final.json").exists()
     assert len(history(resumed)) == 1
-    finetune(FinetuneConfig.from_dict(json.loads((resumed / "args.json").read_text())),
-             resume=True)
+    finetune(FinetuneConfig.from_dict(json.loads((resumed / "args.json").read_text())), resume=True)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (torch.load(r / "state.pt", weights_only=True) for r in (straight, resumed))
@@ -249,21 +316,43 @@ def test_exact_resume(work: Path, pruned: dict[str, Path]) -> None:
         assert torch.equal(v["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"])
     strip = ("seconds", "esd_seconds")
     assert [{k: v for k, v in r.items() if k not in strip} for r in history(straight)] == [
-        {k: v for k, v in r.items() if k not in strip} for r in history(resumed)]
+        {k: v for k, v in r.items() if k not in strip} for r in history(resumed)
+    ]
     # --keep-masks: the pruned weights are still exactly zero, and counted as removed
     assert all(not b[k][m].any() for k, m in masks.items()) and len(masks) > 5
     achieved = read_prune_record(init)["achieved"]
     assert final(resumed)["params"] == achieved["params_after"] + (
-        VGG_PARAMS - achieved["params_before"])
+        VGG_PARAMS - achieved["params_before"]
+    )
 
 
 def test_ctrl_c_leaves_a_resumable_run(work: Path, pruned: dict[str, Path]) -> None:
     run = work / "interrupted"
-    cmd = [sys.executable, "-m", "htsr_cli", "finetune", "--arch", "resnet18", "--width",
-           "0.125", "--data", "digits", "--image-size", "8", "--epochs", "60", "--lr", "0.03",
-           "--batch-size", "32", "-o", str(run)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env())
+    cmd = [
+        sys.executable,
+        "-m",
+        "htsr_cli",
+        "finetune",
+        "--arch",
+        "resnet18",
+        "--width",
+        "0.125",
+        "--data",
+        "digits",
+        "--image-size",
+        "8",
+        "--epochs",
+        "60",
+        "--lr",
+        "0.03",
+        "--batch-size",
+        "32",
+        "-o",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
     deadline = time.monotonic() + TIMEOUT
     while not ((run / "history.jsonl").exists() and (run / "history.jsonl").read_text()):
         assert proc.poll() is None and time.monotonic() < deadline
@@ -277,10 +366,14 @@ def test_ctrl_c_leaves_a_resumable_run(work: Path, pruned: dict[str, Path]) -> N
     assert 1 <= done < 60 and not (run / "final.json").exists()
     state = torch.load(run / "state.pt", weights_only=True)
     assert state["epoch"] == done
-    doc = finetune(FinetuneConfig.from_dict(json.loads((run / "args.json").read_text())),
-                   resume=True, stop_after=done + 1)
+    doc = finetune(
+        FinetuneConfig.from_dict(json.loads((run / "args.json").read_text())),
+        resume=True,
+        stop_after=done + 1,
+    )
     assert doc["epochs"] == done + 1 and [r["epoch"] for r in history(run)] == list(
-        range(1, done + 2))
+        range(1, done + 2)
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,10 +383,37 @@ def test_ctrl_c_leaves_a_resumable_run(work: Path, pruned: dict[str, Path]) -> N
 def test_ddp_two_processes_gloo(work: Path) -> None:
     run = work / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "htsr_cli", "finetune", "--nproc-per-node", "2", "--arch",
-         "resnet18", "--width", "0.125", "--data", "digits", "--image-size", "8", "--epochs", "2",
-         "--lr", "0.05", "--batch-size", "32", "--allocate", "tb-linear", "-o", str(run)],
-        capture_output=True, text=True, env=env(), timeout=TIMEOUT)
+        [
+            sys.executable,
+            "-m",
+            "htsr_cli",
+            "finetune",
+            "--nproc-per-node",
+            "2",
+            "--arch",
+            "resnet18",
+            "--width",
+            "0.125",
+            "--data",
+            "digits",
+            "--image-size",
+            "8",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.05",
+            "--batch-size",
+            "32",
+            "--allocate",
+            "tb-linear",
+            "-o",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr[:4000] + " ... " + proc.stderr[-2000:]
     doc = json.loads(proc.stdout)  # one summary: only rank 0 prints
     assert doc == final(run) and doc["world_size"] == 2
@@ -304,7 +424,12 @@ def test_ddp_two_processes_gloo(work: Path) -> None:
     assert [r["epoch"] for r in hist] == [1, 2]
     assert any(abs(m - 1) > 0.05 for m in multipliers(hist[1]).values())
     assert sorted(p.name for p in run.iterdir()) == [
-        "args.json", "final.json", "history.jsonl", "model.safetensors", "state.pt"]
+        "args.json",
+        "final.json",
+        "history.jsonl",
+        "model.safetensors",
+        "state.pt",
+    ]
     assert proc.stderr.count("epoch 2/2 ") == 1  # rank 0 logs alone
     assert final(run)["test_acc"] > 3 * CHANCE
 
@@ -319,34 +444,91 @@ def test_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8, 8, 8), dtype=np.uint8)
-    np.savez(tmp_path / "no-test.npz", train_x=images, train_y=np.arange(8) % 2,
-             test_x=images[:0], test_y=np.arange(0))
-    np.savez(tmp_path / "two-counts.npz", train_x=images, train_y=np.arange(8) % 2,
-             test_x=images, test_y=np.arange(8) % 2, num_classes=np.array([2, 3]))
+    np.savez(
+        tmp_path / "no-test.npz",
+        train_x=images,
+        train_y=np.arange(8) % 2,
+        test_x=images[:0],
+        test_y=np.arange(0),
+    )
+    np.savez(
+        tmp_path / "two-counts.npz",
+        train_x=images,
+        train_y=np.arange(8) % 2,
+        test_x=images,
+        test_y=np.arange(8) % 2,
+        num_classes=np.array([2, 3]),
+    )
     (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04 not a whole zip")
     base = ["--arch", "resnet18", "--width", "0.125", "--data", "digits", "--lr", "0.1"]
     cases = [
-        (["--arch", "vgg19", "--width", "0.125", "--data", "digits", "--image-size", "8",
-          "--epochs", "1", "--lr", "0.1"], "cannot run on an input of size (3, 8, 8)"),
-        ([*base[:4], "--data", tmp_path / "no-test.npz", "--epochs", "1", "--lr", "0.1"],
-         "must be non-empty images"),
-        ([*base[:4], "--data", tmp_path / "two-counts.npz", "--epochs", "1", "--lr", "0.1"],
-         "num_classes must be one integer"),
-        ([*base[:4], "--data", tmp_path / "truncated.npz", "--epochs", "1", "--lr", "0.1"],
-         "cannot read"),
-        (["--arch", "resnet18", "--data", f"cifar10:{tmp_path / 'missing'}", "--epochs", "1",
-          "--lr", "0.1"], "does not exist"),
-        (["--arch", "resnet18", "--data", f"cifar100:{tmp_path / 'empty'}", "--epochs", "1",
-          "--lr", "0.1"], "is not a cifar100 directory"),
-        ([*base, "--epochs", "2", "--init", default_checkpoint()],
-         "does not fit arch resnet18"),
-        ([*base, "--epochs", "2", "--lr-plan", other_plan], "the plan names 6 layer(s) the "
-                                                           "model lacks"),
+        (
+            [
+                "--arch",
+                "vgg19",
+                "--width",
+                "0.125",
+                "--data",
+                "digits",
+                "--image-size",
+                "8",
+                "--epochs",
+                "1",
+                "--lr",
+                "0.1",
+            ],
+            "cannot run on an input of size (3, 8, 8)",
+        ),
+        (
+            [*base[:4], "--data", tmp_path / "no-test.npz", "--epochs", "1", "--lr", "0.1"],
+            "must be non-empty images",
+        ),
+        (
+            [*base[:4], "--data", tmp_path / "two-counts.npz", "--epochs", "1", "--lr", "0.1"],
+            "num_classes must be one integer",
+        ),
+        (
+            [*base[:4], "--data", tmp_path / "truncated.npz", "--epochs", "1", "--lr", "0.1"],
+            "cannot read",
+        ),
+        (
+            [
+                "--arch",
+                "resnet18",
+                "--data",
+                f"cifar10:{tmp_path / 'missing'}",
+                "--epochs",
+                "1",
+                "--lr",
+                "0.1",
+            ],
+            "does not exist",
+        ),
+        (
+            [
+                "--arch",
+                "resnet18",
+                "--data",
+                f"cifar100:{tmp_path / 'empty'}",
+                "--epochs",
+                "1",
+                "--lr",
+                "0.1",
+            ],
+            "is not a cifar100 directory",
+        ),
+        ([*base, "--epochs", "2", "--init", default_checkpoint()], "does not fit arch resnet18"),
+        (
+            [*base, "--epochs", "2", "--lr-plan", other_plan],
+            "the plan names 6 layer(s) the model lacks",
+        ),
         ([*base, "--epochs", "0"], "--epochs must be a positive integer, got 0"),
         ([*base, "--epochs", "-3"], "--epochs must be a positive integer, got -3"),
         ([*base, "--epochs", "two"], "Invalid value for '--epochs'"),
-        ([*base, "--epochs", "2", "--allocate", "tb-linear", "--lr-plan", other_plan],
-         "exclude each other"),
+        (
+            [*base, "--epochs", "2", "--allocate", "tb-linear", "--lr-plan", other_plan],
+            "exclude each other",
+        ),
         ([*base, "--epochs", "2", "--keep-masks"], "give --init"),
         ([*base, "--epochs", "2", "--allocate", "cubic"], "unknown scheme 'cubic'"),
         (["--data", "digits"], "missing --arch, --epochs, --lr (or --resume RUN_DIR"),
@@ -360,8 +542,19 @@ def test_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
 
 
 def test_bad_resume(capsys: pytest.CaptureFixture[str], dense: Path, tmp_path: Path) -> None:
-    code, _, err = run_cli(capsys, "--arch", "resnet18", "--data", "digits", "--epochs", "1",
-                           "--lr", "0.1", "-o", dense)
+    code, _, err = run_cli(
+        capsys,
+        "--arch",
+        "resnet18",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.1",
+        "-o",
+        dense,
+    )
     assert code == 2 and f"{dense} already holds a run" in err and "--resume" in err
     code, _, err = run_cli(capsys, "--resume", dense)
     assert code == 2 and "has finished 3 epochs; pass --epochs N with N > 3" in err
@@ -379,10 +572,12 @@ def test_bad_resume(capsys: pytest.CaptureFixture[str], dense: Path, tmp_path: P
 def test_scheduled_lr() -> None:
     # thesis eq. 2.12 with T = 4: epochs 1..4 train at lr, lr(1+cos(pi/4))/2, lr/2, ...
     assert [scheduled_lr(0.1, e, 4) for e in (1, 2, 3, 4)] == pytest.approx(
-        [0.1, 0.05 * (1 + math.sqrt(0.5)), 0.05, 0.05 * (1 - math.sqrt(0.5))])
+        [0.1, 0.05 * (1 + math.sqrt(0.5)), 0.05, 0.05 * (1 - math.sqrt(0.5))]
+    )
     # two warm-up epochs, then the cosine over the remaining three
     assert [scheduled_lr(0.1, e, 5, 2) for e in (1, 2, 3, 4, 5)] == pytest.approx(
-        [0.05, 0.1, 0.1, 0.075, 0.025])
+        [0.05, 0.1, 0.1, 0.075, 0.025]
+    )
 
 
 def test_adamw_tensor_file_imagenet_arch(tmp_path: Path) -> None:
@@ -392,13 +587,30 @@ def test_adamw_tensor_file_imagenet_arch(tmp_path: Path) -> None:
     pick = np.random.default_rng(0).permutation(len(y))
     data = tmp_path / "digits.npz"
     images = (x[:, 0] * 255).round().to(torch.uint8).numpy()
-    np.savez(data, train_x=images[pick[:256]], train_y=y.numpy()[pick[:256]],
-             test_x=images[pick[256:320]], test_y=y.numpy()[pick[256:320]])
+    np.savez(
+        data,
+        train_x=images[pick[:256]],
+        train_y=y.numpy()[pick[:256]],
+        test_x=images[pick[256:320]],
+        test_y=y.numpy()[pick[256:320]],
+    )
     run = tmp_path / "run"
-    doc = finetune(FinetuneConfig(
-        arch="imagenet-resnet18", data=str(data), image_size=32, epochs=3, lr=1e-3,
-        batch_size=64, optimizer="adamw", weight_decay=0.01, warmup_epochs=2,
-        label_smoothing=0.1, track_metric=False, output=str(run)))
+    doc = finetune(
+        FinetuneConfig(
+            arch="imagenet-resnet18",
+            data=str(data),
+            image_size=32,
+            epochs=3,
+            lr=1e-3,
+            batch_size=64,
+            optimizer="adamw",
+            weight_decay=0.01,
+            warmup_epochs=2,
+            label_smoothing=0.1,
+            track_metric=False,
+            output=str(run),
+        )
+    )
     hist = history(run)
     assert [r["lr"]["base"] for r in hist] == pytest.approx([5e-4, 1e-3, 1e-3])
     state = torch.load(run / "state.pt", weights_only=True)

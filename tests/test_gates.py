@@ -1,4 +1,4 @@
-"""Tests for ``--fail-if`` gate parsing and evaluation (htsr_cli.gates)."""
+"""Tests for ``--fail-if`` gate parsing and evaluation (htsr_cli.engine.gates)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from htsr_cli.engine.gates import GATE_COLUMNS, Gate, evaluate_gates, parse_gate
 from htsr_cli.errors import InputError
-from htsr_cli.gates import GATE_COLUMNS, Gate, evaluate_gates, parse_gate
 
 NAN = float("nan")
 

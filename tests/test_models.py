@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from htsr_cli.checkpoint import open_checkpoint
 from htsr_cli.errors import InputError
+from htsr_cli.io.checkpoint import open_checkpoint
 from htsr_cli.models import (
     ARCHS,
     build_model,

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from htsr_cli.allocation import allocate
+from htsr_cli.allocate.plan import LRPlan, PlanLayer
+from htsr_cli.allocate.schemes import allocate
 from htsr_cli.errors import InputError
 from htsr_cli.optim import Reallocator, apply_multipliers, layer_owners, param_groups
-from htsr_cli.plans import LRPlan, PlanLayer
 
 BASE_LR = 0.1
 
@@ -75,16 +75,18 @@ class PreLNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ln1(x)
-        q, k, v = (p(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-                   for p in (self.q, self.k, self.v))
+        q, k, v = (
+            p(y).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.out(att.transpose(1, 2).flatten(2))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 class PreLNTransformer(nn.Module):
-    def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, depth: int = 2,
-                 seq: int = 8) -> None:
+    def __init__(
+        self, vocab: int = 64, d: int = 32, heads: int = 4, depth: int = 2, seq: int = 8
+    ) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.randn(1, seq, d) * 0.02)  # a bare parameter: no layer
@@ -118,13 +120,33 @@ class PostNormNet(nn.Module):
         return self.head(x)
 
 
-def make_plan(mults: dict[str, float], *, base_lr: float = BASE_LR,
-              wd: dict[str, float] | None = None, base_wd: float | None = None) -> LRPlan:
-    layers = [PlanLayer(name=n, metric_value=3.0, multiplier=m, lr=base_lr * m,
-                        status="allocated", wd_multiplier=(wd or {}).get(n))
-              for n, m in mults.items()]
-    return LRPlan(scheme="tb-linear", metric="alpha", base_lr=base_lr, params={},
-                  layers=layers, base_wd=base_wd, wd_scheme="tb-linear" if wd else None)
+def make_plan(
+    mults: dict[str, float],
+    *,
+    base_lr: float = BASE_LR,
+    wd: dict[str, float] | None = None,
+    base_wd: float | None = None,
+) -> LRPlan:
+    layers = [
+        PlanLayer(
+            name=n,
+            metric_value=3.0,
+            multiplier=m,
+            lr=base_lr * m,
+            status="allocated",
+            wd_multiplier=(wd or {}).get(n),
+        )
+        for n, m in mults.items()
+    ]
+    return LRPlan(
+        scheme="tb-linear",
+        metric="alpha",
+        base_lr=base_lr,
+        params={},
+        layers=layers,
+        base_wd=base_wd,
+        wd_scheme="tb-linear" if wd else None,
+    )
 
 
 def group_of(groups: list[dict], model: nn.Module) -> dict[str, dict]:
@@ -140,8 +162,14 @@ def group_of(groups: list[dict], model: nn.Module) -> dict[str, dict]:
     return {n: by_id[id(p)] for n, p in named.items()}
 
 
-RESNET_MULTS = {"stem": 0.5, "blocks.0.conv1": 2.0, "blocks.0.conv2": 1.0,
-                "blocks.1.conv1": 1.5, "blocks.1.conv2": 0.75, "head": 0.5}
+RESNET_MULTS = {
+    "stem": 0.5,
+    "blocks.0.conv1": 2.0,
+    "blocks.0.conv2": 1.0,
+    "blocks.1.conv1": 1.5,
+    "blocks.1.conv2": 0.75,
+    "head": 0.5,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,14 +195,18 @@ def test_resnet_norms_and_biases_follow_their_conv() -> None:
 
 def test_pre_ln_transformer_norms_are_in_the_base_group() -> None:
     model = PreLNTransformer()
-    names = ["emb"] + [f"blocks.{b}.{p}" for b in (0, 1)
-                       for p in ("q", "k", "v", "out", "fc1", "fc2")] + ["head"]
+    names = (
+        ["emb"]
+        + [f"blocks.{b}.{p}" for b in (0, 1) for p in ("q", "k", "v", "out", "fc1", "fc2")]
+        + ["head"]
+    )
     mults = {n: 0.5 + 0.1 * i for i, n in enumerate(names)}
     by_name = group_of(param_groups(model, make_plan(mults)), model)
     base = [n for n, g in by_name.items() if g["htsr_layer"] is None]
     assert sorted(base) == sorted(
         ["pos", "ln_f.weight", "ln_f.bias"]
-        + [f"blocks.{b}.ln{i}.{w}" for b in (0, 1) for i in (1, 2) for w in ("weight", "bias")])
+        + [f"blocks.{b}.ln{i}.{w}" for b in (0, 1) for i in (1, 2) for w in ("weight", "bias")]
+    )
     assert by_name["pos"]["lr"] == BASE_LR and by_name["pos"]["htsr_multiplier"] == 1.0
     for b in (0, 1):
         for p in ("q", "k", "v", "out", "fc1", "fc2"):
@@ -194,8 +226,7 @@ def test_post_norm_layernorm_follows_its_linear() -> None:
     owners = layer_owners(model)
     assert owners["norm.weight"] == owners["norm.bias"] == "proj"
     assert "ln_res.weight" not in owners and "ln_res.bias" not in owners
-    by_name = group_of(param_groups(model, make_plan({"proj": 2.0, "fc": 0.5, "head": 1.0})),
-                       model)
+    by_name = group_of(param_groups(model, make_plan({"proj": 2.0, "fc": 0.5, "head": 1.0})), model)
     assert by_name["norm.weight"]["htsr_layer"] == "proj"
     assert by_name["norm.weight"]["lr"] == pytest.approx(2 * BASE_LR)
     assert by_name["ln_res.bias"]["htsr_layer"] is None
@@ -214,11 +245,19 @@ class CustomLinear(nn.Module):
 
 
 def test_traced_through_custom_layer_owns_its_norm() -> None:
-    model = nn.Sequential(CustomLinear(16), nn.RMSNorm(16), nn.GELU(), nn.Linear(16, 16),
-                          nn.GroupNorm(4, 16))
+    model = nn.Sequential(
+        CustomLinear(16), nn.RMSNorm(16), nn.GELU(), nn.Linear(16, 16), nn.GroupNorm(4, 16)
+    )
     owners = layer_owners(model, method="fx")
-    assert owners == {"0.weight": "0", "0.bias": "0", "1.weight": "0", "3.weight": "3",
-                      "3.bias": "3", "4.weight": "3", "4.bias": "3"}
+    assert owners == {
+        "0.weight": "0",
+        "0.bias": "0",
+        "1.weight": "0",
+        "3.weight": "3",
+        "3.bias": "3",
+        "4.weight": "3",
+        "4.bias": "3",
+    }
 
 
 def test_untraceable_model_falls_back_to_registration_order() -> None:
@@ -236,8 +275,12 @@ def test_frozen_parameters_are_left_out_and_no_group_is_empty() -> None:
     for p in model.blocks[0].parameters():
         p.requires_grad_(False)
     groups = param_groups(model, make_plan(RESNET_MULTS))
-    assert {g["htsr_layer"] for g in groups} == {"stem", "blocks.1.conv1", "blocks.1.conv2",
-                                                 "head"}  # nothing else trainable: no base
+    assert {g["htsr_layer"] for g in groups} == {
+        "stem",
+        "blocks.1.conv1",
+        "blocks.1.conv2",
+        "head",
+    }  # nothing else trainable: no base
     group_of(groups, model)
 
 
@@ -263,8 +306,11 @@ def test_unmentioned_layer_stays_in_the_base_group() -> None:
 
 def test_weight_decay_multipliers() -> None:
     model = SmallResNet()
-    plan = make_plan({"blocks.0.conv1": 2.0, "blocks.0.conv2": 1.0},
-                     wd={"blocks.0.conv1": 3.0, "blocks.0.conv2": 0.667}, base_wd=5e-4)
+    plan = make_plan(
+        {"blocks.0.conv1": 2.0, "blocks.0.conv2": 1.0},
+        wd={"blocks.0.conv1": 3.0, "blocks.0.conv2": 0.667},
+        base_wd=5e-4,
+    )
     by_name = group_of(param_groups(model, plan), model)
     assert by_name["blocks.0.conv1.weight"]["weight_decay"] == pytest.approx(1.5e-3)
     assert by_name["blocks.0.conv2.weight"]["weight_decay"] == pytest.approx(5e-4 * 0.667)
@@ -277,8 +323,10 @@ def test_wrapped_models_match_plan_names() -> None:
     model = SmallResNet()
     plan = make_plan(RESNET_MULTS)
     want = {n: g["htsr_layer"] for n, g in group_of(param_groups(model, plan), model).items()}
-    for wrapped, prefix in ((nn.DataParallel(model), "module."),
-                            (torch.compile(model), "_orig_mod.")):
+    for wrapped, prefix in (
+        (nn.DataParallel(model), "module."),
+        (torch.compile(model), "_orig_mod."),
+    ):
         by_name = group_of(param_groups(wrapped, plan), wrapped)
         got = {n.removeprefix(prefix): g["htsr_layer"] for n, g in by_name.items()}
         assert {n: (x if x is None else x.removeprefix(prefix)) for n, x in got.items()} == want
@@ -344,10 +392,14 @@ def _check_ratios(opt: torch.optim.Optimizer) -> None:
         assert g["lr"] == pytest.approx(base["lr"] * g["htsr_multiplier"], rel=1e-9, abs=1e-15)
 
 
-@pytest.mark.parametrize("make_scheduler", [
-    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3),
-    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.8 ** e),
-], ids=["cosine", "lambda"])
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.8**e),
+    ],
+    ids=["cosine", "lambda"],
+)
 def test_schedulers_keep_multipliers_across_reallocation(make_scheduler) -> None:
     model = SmallResNet()
     mults = {n: m for n, m in RESNET_MULTS.items() if n != "head"}  # head: the base group
@@ -394,8 +446,9 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, device: str
 def test_reallocator_rewrites_multipliers_by_name(caplog) -> None:
     torch.manual_seed(0)
     model = SmallResNet()
-    opt = torch.optim.SGD(param_groups(model, allocate(model, lr=BASE_LR)), lr=BASE_LR,
-                          momentum=0.9)
+    opt = torch.optim.SGD(
+        param_groups(model, allocate(model, lr=BASE_LR)), lr=BASE_LR, momentum=0.9
+    )
     opt.param_groups.reverse()  # by name, never by position
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
     realloc = Reallocator(model, opt, every=2, scheduler=sched)
@@ -419,7 +472,8 @@ def test_reallocator_rewrites_multipliers_by_name(caplog) -> None:
     assert realloc.last_seconds > 0
     assert [h["step"] for h in realloc.history] == [2, 4]
     assert realloc.history[-1]["multipliers"] == {
-        g["htsr_layer"]: g["htsr_multiplier"] for g in opt.param_groups if g["htsr_layer"]}
+        g["htsr_layer"]: g["htsr_multiplier"] for g in opt.param_groups if g["htsr_layer"]
+    }
     assert sum("re-allocated" in r.getMessage() for r in caplog.records) == 2
 
 

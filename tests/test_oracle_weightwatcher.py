@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from htsr_cli import analyze
-from htsr_cli.analysis import analyze_layer
-from htsr_cli.spectrum import eigenvalues, shuffled
+from htsr_cli.engine.analysis import analyze_layer
+from htsr_cli.engine.spectrum import eigenvalues, shuffled
 
 ww = pytest.importorskip("weightwatcher")
 logging.getLogger("weightwatcher").setLevel(logging.ERROR)
@@ -29,10 +29,21 @@ FIT_TOL = 1e-3
 TOL = 1e-6
 FIT_COLUMNS = ("alpha", "xmin", "D")
 EXACT_COLUMNS = ("num_evals", "matrix_rank", "N", "M", "rf")
-OTHER_COLUMNS = ("stable_rank", "entropy", "norm", "log_norm", "spectral_norm",
-                 "log_spectral_norm", "alpha_weighted", "log_alpha_norm", "sigma")
-NO_RAND = "alpha,stable_rank,entropy,norm,log_norm,spectral_norm,log_spectral_norm," \
-          "alpha_weighted,log_alpha_norm"
+OTHER_COLUMNS = (
+    "stable_rank",
+    "entropy",
+    "norm",
+    "log_norm",
+    "spectral_norm",
+    "log_spectral_norm",
+    "alpha_weighted",
+    "log_alpha_norm",
+    "sigma",
+)
+NO_RAND = (
+    "alpha,stable_rank,entropy,norm,log_norm,spectral_norm,log_spectral_norm,"
+    "alpha_weighted,log_alpha_norm"
+)
 
 
 def _ww_details(state_dict: dict[str, torch.Tensor]):
@@ -149,7 +160,7 @@ def test_rand_distance_follows_weightwatchers_formula(synthetic):
     from scipy.spatial.distance import jensenshannon
     from weightwatcher.RMT_Util import jensen_shannon_distance
 
-    from htsr_cli.analysis import _layer_seed
+    from htsr_cli.engine.analysis import _layer_seed
 
     _, sd = synthetic
     for key in ("block.conv.weight", "mlp.up.weight", "gaussian.weight"):
@@ -160,16 +171,22 @@ def test_rand_distance_follows_weightwatchers_formula(synthetic):
         # Same multiset of entries in every slice.
         if w.ndim == 4:
             for i in range(w.shape[2]):
-                assert torch.equal(torch.sort(w[:, :, i, 0].reshape(-1)).values,
-                                   torch.sort(w_rand[:, :, i, 0].reshape(-1)).values)
+                assert torch.equal(
+                    torch.sort(w[:, :, i, 0].reshape(-1)).values,
+                    torch.sort(w_rand[:, :, i, 0].reshape(-1)).values,
+                )
 
         def esd(t: torch.Tensor) -> np.ndarray:
             a = t.double().numpy()
-            mats = [a] if a.ndim == 2 else [a[:, :, i, j] for i in range(a.shape[2])
-                                            for j in range(a.shape[3])]
+            mats = (
+                [a]
+                if a.ndim == 2
+                else [a[:, :, i, j] for i in range(a.shape[2]) for j in range(a.shape[3])]
+            )
             scale = 1.0 if a.ndim == 2 else 0.5
-            return np.sort(np.concatenate([np.linalg.svd(m, compute_uv=False) ** 2 * scale
-                                           for m in mats]))
+            return np.sort(
+                np.concatenate([np.linalg.svd(m, compute_uv=False) ** 2 * scale for m in mats])
+            )
 
         e, er = esd(w), esd(w_rand)
         expected = jensen_shannon_distance(e, er)
@@ -183,7 +200,10 @@ def test_eigenvalues_of_conv_slices_by_hand():
     for shape in ((8, 5, 3, 3), (6, 10, 4), (7, 7, 1, 1)):
         w = torch.randn(*shape, generator=gen)
         a = w.double().numpy().reshape(shape[0], shape[1], -1)
-        expected = np.sort(np.concatenate(
-            [np.linalg.svd(a[:, :, k], compute_uv=False) ** 2 / 2 for k in range(a.shape[2])]))
+        expected = np.sort(
+            np.concatenate(
+                [np.linalg.svd(a[:, :, k], compute_uv=False) ** 2 / 2 for k in range(a.shape[2])]
+            )
+        )
         got = eigenvalues(w).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())

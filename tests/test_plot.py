@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from htsr_cli.allocation import allocate
-from htsr_cli.analysis import analyze
-from htsr_cli.data import default_checkpoint
+from htsr_cli.allocate.schemes import allocate
+from htsr_cli.assets import default_checkpoint
+from htsr_cli.engine.analysis import analyze
 from htsr_cli.errors import InputError
 from htsr_cli.plotting import (
     abbreviate,
@@ -77,6 +77,7 @@ def docs(tmp_path_factory, analysis_doc) -> dict[str, Path]:
 
 # ---------------------------------------------------------------- esd
 
+
 def test_esd_line_slope_is_minus_alpha_and_alpha_matches_the_mle(tmp_path):
     out = tmp_path / "esd.png"
     result = plot_esd(CKPT, out, dpi=60)
@@ -102,8 +103,12 @@ def test_esd_line_slope_is_minus_alpha_and_alpha_matches_the_mle(tmp_path):
 def test_esd_histogram_is_a_density_and_the_line_carries_the_tail_share(tmp_path):
     result = plot_esd(CKPT, tmp_path / "esd.pdf", layers=["classifier.*", "features.6"])
     assert_image(tmp_path / "esd.pdf", "pdf")
-    assert [p.name for p in result.panels] == ["features.6", "classifier.0", "classifier.3",
-                                               "classifier.5"]
+    assert [p.name for p in result.panels] == [
+        "features.6",
+        "classifier.0",
+        "classifier.3",
+        "classifier.5",
+    ]
     for p in result.panels:
         widths = np.diff(p.bin_edges)
         mass = p.density * widths
@@ -113,8 +118,9 @@ def test_esd_histogram_is_a_density_and_the_line_carries_the_tail_share(tmp_path
         tail_bins = p.bin_edges[:-1] >= p.xmin * (1 - 1e-12)
         assert mass[tail_bins].sum() == pytest.approx(p.num_tail / p.num_fit, rel=1e-12)
         # At xmin the line is the power-law density (alpha-1)/xmin times the tail share.
-        assert p.line_y[0] == pytest.approx(p.num_tail / p.num_fit * (p.alpha - 1) / p.xmin,
-                                            rel=1e-12)
+        assert p.line_y[0] == pytest.approx(
+            p.num_tail / p.num_fit * (p.alpha - 1) / p.xmin, rel=1e-12
+        )
 
 
 def test_esd_grid_size_cap_and_linear_mode(tmp_path):
@@ -164,6 +170,7 @@ def test_esd_bad_inputs(tmp_path, docs):
 
 # ---------------------------------------------------------------- metrics
 
+
 def test_metrics_overlay_values_and_flags(tmp_path, docs, analysis_doc):
     after = copy.deepcopy(analysis_doc)
     for row in after["layers"]:
@@ -188,8 +195,9 @@ def test_metrics_overlay_values_and_flags(tmp_path, docs, analysis_doc):
     assert "extra.layer" in after_s.info["under_trained"]
     assert before_s.info["under_trained"] == ["features.0"]  # alpha 8.4 in the demo model
 
-    other = plot_metrics([docs["analysis"]], tmp_path / "sr.svg", metric="stable_rank",
-                         labels=["demo"])
+    other = plot_metrics(
+        [docs["analysis"]], tmp_path / "sr.svg", metric="stable_rank", labels=["demo"]
+    )
     assert other.series[0].label == "demo"
     assert np.allclose(other.series[0].values, [r["stable_rank"] for r in analysis_doc["layers"]])
     assert "over_trained" not in other.series[0].info
@@ -207,6 +215,7 @@ def test_metrics_bad_inputs(tmp_path, docs):
 
 
 # ---------------------------------------------------------------- LR plans
+
 
 def test_lr_plans_overlay(tmp_path, docs):
     paths = [docs["tb-linear"], docs["power:1/2"], docs["log2"]]
@@ -228,29 +237,50 @@ def test_lr_plans_overlay(tmp_path, docs):
 
 # ---------------------------------------------------------------- prune plans
 
-LAYERS = ["conv1", *(f"layer{i}.{b}.conv{c}" for i in (1, 2) for b in (0, 1) for c in (1, 2)),
-          "fc"]
+LAYERS = ["conv1", *(f"layer{i}.{b}.conv{c}" for i in (1, 2) for b in (0, 1) for c in (1, 2)), "fc"]
 
 
 def prune_plan(method: str, metric: str | None, sparsity: float, seed: int) -> dict:
     """A document in the ``htsr.prune-plan/1`` format of docs/prune.md (input fixture)."""
     rng = np.random.default_rng(seed)
     ratios = np.clip(sparsity + rng.normal(0, 0.1, len(LAYERS)), 0, 0.95)
-    return {"schema": "htsr.prune-plan/1", "source": {}, "method": method, "metric": metric,
-            "target": {"sparsity": sparsity},
-            "achieved": {"params_before": 10_000, "params_after": int(10_000 * (1 - sparsity)),
-                         "sparsity": sparsity, "macs_before": 0, "macs_after": 0},
-            "groups": [],
-            "layers": [{"name": n, "metric_value": None, "ratio": float(r),
-                        "params_before": 1000, "params_after": int(1000 * (1 - r))}
-                       for n, r in zip(LAYERS, ratios, strict=True)]}
+    return {
+        "schema": "htsr.prune-plan/1",
+        "source": {},
+        "method": method,
+        "metric": metric,
+        "target": {"sparsity": sparsity},
+        "achieved": {
+            "params_before": 10_000,
+            "params_after": int(10_000 * (1 - sparsity)),
+            "sparsity": sparsity,
+            "macs_before": 0,
+            "macs_after": 0,
+        },
+        "groups": [],
+        "layers": [
+            {
+                "name": n,
+                "metric_value": None,
+                "ratio": float(r),
+                "params_before": 1000,
+                "params_after": int(1000 * (1 - r)),
+            }
+            for n, r in zip(LAYERS, ratios, strict=True)
+        ],
+    }
 
 
 def test_prune_plans_overlay_and_panels_per_sparsity(tmp_path):
     docs = {}
     for i, (method, metric, sp) in enumerate(
-            [("metric", "alpha", 0.3), ("uniform", None, 0.3), ("metric", "alpha", 0.7),
-             ("uniform", None, 0.7)]):
+        [
+            ("metric", "alpha", 0.3),
+            ("uniform", None, 0.3),
+            ("metric", "alpha", 0.7),
+            ("uniform", None, 0.7),
+        ]
+    ):
         docs[i] = tmp_path / f"p{i}.json"
         docs[i].write_text(json.dumps(prune_plan(method, metric, sp, i)))
     single = plot_prune_plans([docs[0], docs[2]], tmp_path / "two.png", dpi=60)
@@ -276,36 +306,74 @@ def test_prune_plans_overlay_and_panels_per_sparsity(tmp_path):
 
 # ---------------------------------------------------------------- runs
 
-def write_run(d: Path, *, method: str, params: int, acc: float, lr_mode: str = "global",
-              epochs: int = 4, duplicate: bool = False, final: bool = True) -> None:
+
+def write_run(
+    d: Path,
+    *,
+    method: str,
+    params: int,
+    acc: float,
+    lr_mode: str = "global",
+    epochs: int = 4,
+    duplicate: bool = False,
+    final: bool = True,
+) -> None:
     """A run directory in the format ``htsr finetune`` writes (history.jsonl + final.json)."""
     d.mkdir(parents=True)
     rows = []
     for e in range(1, epochs + 1):
         lr0 = 0.05 * 0.5 * (1 + math.cos(math.pi * (e - 1) / epochs))
-        rows.append({"epoch": e, "train_loss": 2.0 / e, "train_acc": 1 - 0.5 / e,
-                     "test_loss": 2.2 / e, "test_acc": acc - 0.4 / e, "seconds": 1.0,
-                     "lr": {"base": lr0, **{n: lr0 * (1 + 0.1 * k) for k, n in enumerate(LAYERS)}},
-                     "metric_name": "alpha",
-                     "metric": {n: 3.0 + 0.1 * k - 0.05 * e for k, n in enumerate(LAYERS)}
-                     | {"fc": None},
-                     "esd_seconds": 0.1})
+        rows.append(
+            {
+                "epoch": e,
+                "train_loss": 2.0 / e,
+                "train_acc": 1 - 0.5 / e,
+                "test_loss": 2.2 / e,
+                "test_acc": acc - 0.4 / e,
+                "seconds": 1.0,
+                "lr": {"base": lr0, **{n: lr0 * (1 + 0.1 * k) for k, n in enumerate(LAYERS)}},
+                "metric_name": "alpha",
+                "metric": {n: 3.0 + 0.1 * k - 0.05 * e for k, n in enumerate(LAYERS)}
+                | {"fc": None},
+                "esd_seconds": 0.1,
+            }
+        )
     if duplicate:  # a resumed run logged epoch 2 again: the later line wins
         rows.insert(2, dict(rows[1], test_acc=0.0))
         rows[1], rows[2] = rows[2], rows[1]
     (d / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     if final:
-        (d / "final.json").write_text(json.dumps(
-            {"schema": "htsr.run/1", "arch": "resnet18", "label": d.name, "method": method,
-             "lr_mode": lr_mode, "params": params, "params_total": 10_000, "test_acc": acc,
-             "best_test_acc": acc + 0.01, "epochs": epochs, "seconds": 4.0, "seed": 0,
-             "args": {}}))
+        (d / "final.json").write_text(
+            json.dumps(
+                {
+                    "schema": "htsr.run/1",
+                    "arch": "resnet18",
+                    "label": d.name,
+                    "method": method,
+                    "lr_mode": lr_mode,
+                    "params": params,
+                    "params_total": 10_000,
+                    "test_acc": acc,
+                    "best_test_acc": acc + 0.01,
+                    "epochs": epochs,
+                    "seconds": 4.0,
+                    "seed": 0,
+                    "args": {},
+                }
+            )
+        )
 
 
 def test_history_reads_runs_and_plots_all_panels(tmp_path):
     write_run(tmp_path / "glob", method="uniform", params=5000, acc=0.9, duplicate=True)
-    write_run(tmp_path / "tb", method="uniform", params=5000, acc=0.92,
-              lr_mode="reallocate:tb-linear", final=False)
+    write_run(
+        tmp_path / "tb",
+        method="uniform",
+        params=5000,
+        acc=0.92,
+        lr_mode="reallocate:tb-linear",
+        final=False,
+    )
     run = read_history(tmp_path / "glob")
     assert list(run.epochs) == [1, 2, 3, 4]
     assert run.test_acc[1] == pytest.approx(0.9 - 0.4 / 2)  # the later line of epoch 2
@@ -323,8 +391,13 @@ def test_history_reads_runs_and_plots_all_panels(tmp_path):
     assert result.layers == LAYERS
     one = plot_history([tmp_path / "glob"], tmp_path / "one.svg", layers=["layer1.*"])
     assert one.layers == LAYERS[1:5]
-    grid = plot_history([tmp_path / "glob", tmp_path / "tb"], tmp_path / "grid.png",
-                        per_layer=True, max_layers=3, dpi=50)
+    grid = plot_history(
+        [tmp_path / "glob", tmp_path / "tb"],
+        tmp_path / "grid.png",
+        per_layer=True,
+        max_layers=3,
+        dpi=50,
+    )
     assert grid.layers == LAYERS[:3] and any("3 of 10" in n for n in grid.notes)
     assert png_size(tmp_path / "grid.png") == (int(3.1 * 3 * 50), int((2.4 + 0.8) * 50))
 
@@ -351,10 +424,14 @@ def test_run_dir_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="line 6 lacks field"):
         plot_history([tmp_path / "r"], tmp_path / "x.png")
     text = (tmp_path / "r" / "history.jsonl").read_text().splitlines()
-    for bad, needle in (("{not json", "line 6 is not valid JSON"),
-                        ("[1, 2]", "line 6 is not a JSON object"),
-                        ('{"epoch": "5", "train_loss": 1, "train_acc": 1, "test_loss": 1, '
-                         '"test_acc": 1}', "line 6: epoch must be an integer")):
+    for bad, needle in (
+        ("{not json", "line 6 is not valid JSON"),
+        ("[1, 2]", "line 6 is not a JSON object"),
+        (
+            '{"epoch": "5", "train_loss": 1, "train_acc": 1, "test_loss": 1, "test_acc": 1}',
+            "line 6: epoch must be an integer",
+        ),
+    ):
         (tmp_path / "r" / "history.jsonl").write_text("\n".join([*text[:5], bad]) + "\n")
         with pytest.raises(InputError, match=needle):
             plot_history([tmp_path / "r"], tmp_path / "x.png")
@@ -362,17 +439,25 @@ def test_run_dir_bad_inputs(tmp_path):
 
 
 def test_tradeoff_one_line_per_method_sorted_by_params(tmp_path):
-    specs = [("u70", "uniform", 3000, 0.80, "global"), ("u30", "uniform", 7000, 0.90, "global"),
-             ("a70", "alpha", 3000, 0.85, "global"), ("a30", "alpha", 7000, 0.91, "global"),
-             ("t70", "uniform", 3000, 0.83, "reallocate:tb-linear"),
-             ("dense", "dense", 10_000, 0.95, "global")]
+    specs = [
+        ("u70", "uniform", 3000, 0.80, "global"),
+        ("u30", "uniform", 7000, 0.90, "global"),
+        ("a70", "alpha", 3000, 0.85, "global"),
+        ("a30", "alpha", 7000, 0.91, "global"),
+        ("t70", "uniform", 3000, 0.83, "reallocate:tb-linear"),
+        ("dense", "dense", 10_000, 0.95, "global"),
+    ]
     for name, method, params, acc, lr_mode in specs:
         write_run(tmp_path / name, method=method, params=params, acc=acc, lr_mode=lr_mode)
     result = plot_tradeoff([tmp_path / s[0] for s in specs], tmp_path / "t.png", dpi=60)
     assert_image(tmp_path / "t.png", "png")
     lines = {line.method: line for line in result.lines}
-    assert set(lines) == {"uniform, global LR", "uniform, reallocate:tb-linear LR", "alpha",
-                          "dense"}
+    assert set(lines) == {
+        "uniform, global LR",
+        "uniform, reallocate:tb-linear LR",
+        "alpha",
+        "dense",
+    }
     assert list(lines["uniform, global LR"].params) == [3000, 7000]
     assert np.allclose(lines["uniform, global LR"].accuracy, [80.0, 90.0])
     assert np.allclose(lines["alpha"].accuracy, [85.0, 91.0])
@@ -383,11 +468,15 @@ def test_tradeoff_one_line_per_method_sorted_by_params(tmp_path):
 
 # ---------------------------------------------------------------- labels and the CLI
 
+
 def test_abbreviated_layer_names_are_unique_short_and_fit():
-    names = ["conv1", *(f"layer{i}.{b}.conv{c}" for i in range(1, 5) for b in range(3)
-                        for c in (1, 2)),
-             *(f"model.decoder.layers.{i}.self_attn.{p}_proj" for i in range(40) for p in "qkvo"),
-             "a_really_long_module_name_without_any_dots_at_all", "fc"]
+    names = [
+        "conv1",
+        *(f"layer{i}.{b}.conv{c}" for i in range(1, 5) for b in range(3) for c in (1, 2)),
+        *(f"model.decoder.layers.{i}.self_attn.{p}_proj" for i in range(40) for p in "qkvo"),
+        "a_really_long_module_name_without_any_dots_at_all",
+        "fc",
+    ]
     short = abbreviate(names)
     assert len(set(short)) == len(names)
     assert all(len(s) <= 24 for s in short)
@@ -402,13 +491,27 @@ def test_abbreviated_layer_names_are_unique_short_and_fit():
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "htsr_cli", "plot", *args], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "htsr_cli", "plot", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_cli_writes_a_plot_and_rejects_bad_input_with_exit_2(tmp_path, docs):
-    ok = run_cli("lr-plan", str(docs["tb-linear"]), str(docs["log2"]), "-o", "lr.png",
-                 "--dpi", "40", cwd=tmp_path)
+    ok = run_cli(
+        "lr-plan",
+        str(docs["tb-linear"]),
+        str(docs["log2"]),
+        "-o",
+        "lr.png",
+        "--dpi",
+        "40",
+        cwd=tmp_path,
+    )
     assert ok.returncode == 0, ok.stderr
     assert_image(tmp_path / "lr.png", "png", min_bytes=2_000)
     assert ok.stdout == "" and "wrote lr.png" in ok.stderr

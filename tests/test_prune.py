@@ -18,13 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from htsr_cli.analysis import analyze
-from htsr_cli.checkpoint import open_checkpoint
-from htsr_cli.data import default_checkpoint
+from htsr_cli.assets import default_checkpoint
+from htsr_cli.engine.analysis import analyze
 from htsr_cli.errors import InputError
+from htsr_cli.io.checkpoint import open_checkpoint
 from htsr_cli.models import ARCHS, build_model
-from htsr_cli.pruning import load_pruned_model, prune, read_prune_record
-from htsr_cli.pruning.layers import Layer, guess_classifier
+from htsr_cli.prune import load_pruned_model, prune, read_prune_record
+from htsr_cli.prune.layers import Layer, guess_classifier
 
 DIGITS = str(default_checkpoint())
 
@@ -60,18 +60,16 @@ def by_name(plan: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------
 # Budget methods on a small model, by hand (an analysis document: no weights needed)
 
+
 def hand_doc() -> dict[str, Any]:
     """conv a: 20x10x3x3 = 1800 weights, alpha 4; linear b: 100x10 = 1000, alpha 2; fc is the
     last Linear (the classifier, never pruned). Prunable: 2800."""
     rows = [
         {"name": "a", "type": "conv2d", "N": 20, "M": 10, "rf": 9, "num_evals": 90, "alpha": 4.0},
-        {"name": "b", "type": "linear", "N": 100, "M": 10, "rf": 1, "num_evals": 100,
-         "alpha": 2.0},
-        {"name": "fc", "type": "linear", "N": 10, "M": 5, "rf": 1, "num_evals": 5,
-         "alpha": 3.0},
+        {"name": "b", "type": "linear", "N": 100, "M": 10, "rf": 1, "num_evals": 100, "alpha": 2.0},
+        {"name": "fc", "type": "linear", "N": 10, "M": 5, "rf": 1, "num_evals": 5, "alpha": 3.0},
     ]
-    return {"schema": "htsr.analysis/1", "source": {"path": "hand"}, "options": {},
-            "layers": rows}
+    return {"schema": "htsr.analysis/1", "source": {"path": "hand"}, "options": {}, "layers": rows}
 
 
 # Remove 1400 of 2800. Each case: scores r -> c = 1400 / (1800 r_a + 1000 r_b) -> k = c r;
@@ -97,8 +95,10 @@ def test_budget_methods_by_hand(kwargs, removed):
     plan = prune(hand_doc(), sparsity=0.5, **kwargs)
     layers = by_name(plan)
     assert set(layers) == {"a", "b"} and plan.params["classifier"] == "fc"
-    got = (layers["a"].params_before - layers["a"].params_after,
-           layers["b"].params_before - layers["b"].params_after)
+    got = (
+        layers["a"].params_before - layers["a"].params_after,
+        layers["b"].params_before - layers["b"].params_after,
+    )
     assert got == removed
     assert plan.achieved["removed"] == plan.target["removed"] == 1400
 
@@ -131,6 +131,7 @@ def test_keep_params_is_exact_and_layers_without_a_usable_metric_get_the_average
 # ----------------------------------------------------------------------------------------
 # Unstructured pruning of real checkpoints
 
+
 def test_unstructured_zero_fraction_matches_the_plan(tmp_path):
     before = sha(DIGITS)
     out = tmp_path / "pruned.safetensors"
@@ -140,8 +141,7 @@ def test_unstructured_zero_fraction_matches_the_plan(tmp_path):
     assert set(orig) == set(pruned)
     layers = by_name(plan)
     assert plan.params["classifier"] == "classifier.5"  # the only Linear whose outputs feed none
-    assert set(layers) == {"features.0", "features.2", "features.6", "classifier.0",
-                           "classifier.3"}
+    assert set(layers) == {"features.0", "features.2", "features.6", "classifier.0", "classifier.3"}
     for name, lp in layers.items():
         w, w0 = pruned[name + ".weight"], orig[name + ".weight"]
         assert int((w0 == 0).sum()) == 0  # so every zero below was made by pruning
@@ -152,7 +152,7 @@ def test_unstructured_zero_fraction_matches_the_plan(tmp_path):
         assert w0[w == 0].abs().max() <= w0[w != 0].abs().min()
         assert torch.equal(w[w != 0], w0[w != 0])
     for key in orig:
-        if key[:-len(".weight")] not in layers:
+        if key[: -len(".weight")] not in layers:
             assert torch.equal(orig[key], pruned[key]) and orig[key].dtype == pruned[key].dtype
     assert plan.achieved["removed"] == round(0.6 * plan.target["params_before"])
     record = read_prune_record(out)
@@ -198,9 +198,13 @@ def test_lamp_removes_the_globally_smallest_scores(tmp_path):
 
 def test_erk_densities_follow_sum_over_product_of_dims():
     plan = prune(DIGITS, sparsity=0.5, method="erk")
-    shapes = {"features.0": (32, 1, 3, 3), "features.2": (64, 32, 3, 3),
-              "features.6": (128, 64, 3, 3), "classifier.0": (256, 512),
-              "classifier.3": (128, 256)}
+    shapes = {
+        "features.0": (32, 1, 3, 3),
+        "features.2": (64, 32, 3, 3),
+        "features.6": (128, 64, 3, 3),
+        "classifier.0": (256, 512),
+        "classifier.3": (128, 256),
+    }
     eps = []
     for lp in plan.layers:
         raw = sum(shapes[lp.name]) / np.prod(shapes[lp.name])
@@ -219,20 +223,32 @@ def _hf_checkpoint(root: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     def w(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen)
 
-    sd = {"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": 1 + w(h) / 10,
-          "lm_head.weight": w(vocab, h)}
+    sd = {
+        "model.embed_tokens.weight": w(vocab, h),
+        "model.norm.weight": 1 + w(h) / 10,
+        "lm_head.weight": w(vocab, h),
+    }
     for i in range(2):
         p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(h, h),
-                   p + "self_attn.v_proj.weight": w(h, h), p + "self_attn.o_proj.weight": w(h, h),
-                   p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
-                   p + "mlp.down_proj.weight": w(h, inter),
-                   p + "input_layernorm.weight": 1 + w(h) / 10,
-                   p + "post_attention_layernorm.weight": 1 + w(h) / 10})
+        sd.update(
+            {
+                p + "self_attn.q_proj.weight": w(h, h),
+                p + "self_attn.k_proj.weight": w(h, h),
+                p + "self_attn.v_proj.weight": w(h, h),
+                p + "self_attn.o_proj.weight": w(h, h),
+                p + "mlp.gate_proj.weight": w(inter, h),
+                p + "mlp.up_proj.weight": w(inter, h),
+                p + "mlp.down_proj.weight": w(h, inter),
+                p + "input_layernorm.weight": 1 + w(h) / 10,
+                p + "post_attention_layernorm.weight": 1 + w(h) / 10,
+            }
+        )
     root.mkdir()
     keys = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for file, names in shards.items():
         save_file({k: sd[k] for k in names}, str(root / file))
     index = {"metadata": {}, "weight_map": {k: f for f, ns in shards.items() for k in ns}}
@@ -252,7 +268,7 @@ def test_unstructured_on_a_sharded_transformer(tmp_path):
     pruned = read(out)
     assert set(pruned) == set(sd)
     for key, tensor in sd.items():
-        name = key[:-len(".weight")]
+        name = key[: -len(".weight")]
         if name in layers:
             zeros = int((pruned[key] == 0).sum())
             assert zeros == layers[name].params_before - layers[name].params_after
@@ -271,8 +287,12 @@ def test_classifier_guess_without_an_architecture():
     mlp = layers(("a", (10, 64)), ("b", (64, 32)), ("c", (32, 8)))
     assert guess_classifier(mlp) == "a"
     # a Hugging Face sequence-classification head by name
-    assert guess_classifier(layers(("model.embed_tokens", (100, 16)), ("q", (16, 16)),
-                                   ("score", (3, 16)))) == "score"
+    assert (
+        guess_classifier(
+            layers(("model.embed_tokens", (100, 16)), ("q", (16, 16)), ("score", (3, 16)))
+        )
+        == "score"
+    )
     # GPT-2 style: an embedding and no head (tied): nothing to protect besides the embedding
     assert guess_classifier(layers(("wte", (100, 16)), ("h.0.attn.c_attn", (16, 48)))) is None
     # no orientation (an analysis document): the last Linear
@@ -282,12 +302,20 @@ def test_classifier_guess_without_an_architecture():
 # ----------------------------------------------------------------------------------------
 # Structured pruning on every zoo model
 
-ZOO = [("resnet18", 0.25, "metric", 0.5), ("resnet34", 0.25, "uniform", 0.4),
-       ("resnet101", 0.25, "erk", 0.5), ("resnet152", 0.25, "uniform", 0.3),
-       ("vgg19", 0.25, "lamp", 0.6), ("densenet40", 1.0, "metric", 0.4),
-       ("wrn28-10", 0.1, "uniform", 0.5), ("mobilenetv2", 0.5, "erk", 0.4),
-       ("imagenet-resnet18", 1.0, "uniform", 0.5), ("imagenet-resnet34", 1.0, "erk", 0.3),
-       ("imagenet-resnet50", 1.0, "uniform", 0.4), ("imagenet-mobilenet_v2", 1.0, "erk", 0.3)]
+ZOO = [
+    ("resnet18", 0.25, "metric", 0.5),
+    ("resnet34", 0.25, "uniform", 0.4),
+    ("resnet101", 0.25, "erk", 0.5),
+    ("resnet152", 0.25, "uniform", 0.3),
+    ("vgg19", 0.25, "lamp", 0.6),
+    ("densenet40", 1.0, "metric", 0.4),
+    ("wrn28-10", 0.1, "uniform", 0.5),
+    ("mobilenetv2", 0.5, "erk", 0.4),
+    ("imagenet-resnet18", 1.0, "uniform", 0.5),
+    ("imagenet-resnet34", 1.0, "erk", 0.3),
+    ("imagenet-resnet50", 1.0, "uniform", 0.4),
+    ("imagenet-mobilenet_v2", 1.0, "erk", 0.3),
+]
 
 
 @pytest.mark.parametrize("arch,width,method,sparsity", ZOO, ids=[z[0] for z in ZOO])
@@ -296,8 +324,15 @@ def test_structured_zoo_hits_the_target_and_reloads(tmp_path, arch, width, metho
     model = build_model(arch, width=width)
     src = save(model, tmp_path / "model.safetensors")
     out = tmp_path / "pruned.safetensors"
-    plan = prune(src, sparsity=sparsity, method=method, structured=True, arch=arch,
-                 width=width, output=str(out))
+    plan = prune(
+        src,
+        sparsity=sparsity,
+        method=method,
+        structured=True,
+        arch=arch,
+        width=width,
+        output=str(out),
+    )
     want = plan.target["params_after"]
     assert abs(plan.achieved["params_after"] - want) <= 0.005 * want
     assert plan.achieved["macs_after"] < plan.achieved["macs_before"]
@@ -342,8 +377,7 @@ def test_coupled_groups_resnet(tmp_path):
 def test_coupled_groups_mobilenetv2(tmp_path):
     torch.manual_seed(2)
     src = save(build_model("mobilenetv2", width=0.5), tmp_path / "m.safetensors")
-    plan = prune(src, sparsity=0.4, structured=True, arch="mobilenetv2", width=0.5,
-                 min_evals=0)
+    plan = prune(src, sparsity=0.4, structured=True, arch="mobilenetv2", width=0.5, min_evals=0)
     groups = {g.name: set(g.members) for g in plan.groups}
     # a depthwise conv is one group with the 1x1 conv that feeds it
     assert groups["features.5.conv.1.0"] == {"features.5.conv.1.0", "features.5.conv.0.0"}
@@ -361,8 +395,15 @@ def test_bn_scale_keeps_the_channels_with_the_largest_gamma(tmp_path):
     with torch.no_grad():
         model.layer1[0].bn1.weight.copy_(gamma)
     src = save(model, tmp_path / "r.safetensors")
-    plan = prune(src, sparsity=0.5, method="uniform", structured=True, arch="resnet18",
-                 width=0.25, importance="bn-scale")
+    plan = prune(
+        src,
+        sparsity=0.5,
+        method="uniform",
+        structured=True,
+        arch="resnet18",
+        width=0.25,
+        importance="bn-scale",
+    )
     kept = plan.model.layer1[0].bn1.weight.detach()
     # layer1.0.conv1's group holds one BatchNorm: its largest |gamma| survive, in order
     top = torch.sort(torch.topk(gamma, kept.numel()).indices).values
@@ -372,8 +413,16 @@ def test_bn_scale_keeps_the_channels_with_the_largest_gamma(tmp_path):
 def test_taylor_and_budget_step_never_over_prune(tmp_path):
     torch.manual_seed(4)
     src = save(build_model("resnet18", width=0.25), tmp_path / "r.safetensors")
-    plan = prune(src, sparsity=0.5, structured=True, arch="resnet18", width=0.25,
-                 importance="taylor", budget_step=0.02, mapping="proportional")
+    plan = prune(
+        src,
+        sparsity=0.5,
+        structured=True,
+        arch="resnet18",
+        width=0.25,
+        importance="taylor",
+        budget_step=0.02,
+        mapping="proportional",
+    )
     assert plan.achieved["params_after"] >= plan.target["params_after"]
     level, t = plan.achieved["level"], plan.achieved["level"] / 0.02
     assert level > 0
@@ -385,8 +434,9 @@ def test_reprune_a_structured_checkpoint_and_unstructured_on_top(tmp_path):
     torch.manual_seed(5)
     src = save(build_model("densenet40"), tmp_path / "d.safetensors")
     first, second, third = (tmp_path / f"{n}.safetensors" for n in ("a", "b", "c"))
-    p1 = prune(src, sparsity=0.3, method="uniform", structured=True, arch="densenet40",
-               output=str(first))
+    p1 = prune(
+        src, sparsity=0.3, method="uniform", structured=True, arch="densenet40", output=str(first)
+    )
     p2 = prune(str(first), sparsity=0.3, method="uniform", structured=True, output=str(second))
     assert p2.target["params_before"] == p1.achieved["params_after"]
     x = torch.randn(2, 3, 32, 32)
@@ -396,13 +446,13 @@ def test_reprune_a_structured_checkpoint_and_unstructured_on_top(tmp_path):
     assert len(rec["history"]) == len(read_prune_record(first)["history"]) * 2
     p3 = prune(str(second), sparsity=0.5, method="uniform", output=str(third))
     rebuilt = load_pruned_model(third)  # still rebuilt from the structured history
-    zeros = sum(int((m.weight == 0).sum()) for n, m in rebuilt.named_modules()
-                if n in by_name(p3))
+    zeros = sum(int((m.weight == 0).sum()) for n, m in rebuilt.named_modules() if n in by_name(p3))
     assert zeros == p3.achieved["removed"]
 
 
 # ----------------------------------------------------------------------------------------
 # Pipelines and bad input
+
 
 def test_pipeline_from_an_analysis_json(tmp_path):
     analysis = tmp_path / "analysis.json"
@@ -414,8 +464,9 @@ def test_pipeline_from_an_analysis_json(tmp_path):
     out = tmp_path / "pruned.safetensors"
     applied = prune(DIGITS, plan=str(plan_path), output=str(out))
     assert applied.method == "plan"
-    assert [(lp.name, lp.params_after) for lp in applied.layers] == \
-        [(lp.name, lp.params_after) for lp in plan.layers]
+    assert [(lp.name, lp.params_after) for lp in applied.layers] == [
+        (lp.name, lp.params_after) for lp in plan.layers
+    ]
     again = prune(DIGITS, sparsity=0.5, analysis=str(analysis))
     assert [lp.params_after for lp in again.layers] == [lp.params_after for lp in plan.layers]
     pruned = read(out)
@@ -423,21 +474,24 @@ def test_pipeline_from_an_analysis_json(tmp_path):
         assert int((pruned[lp.name + ".weight"] == 0).sum()) == lp.params_before - lp.params_after
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"sparsity": 1.0}, "--sparsity must be in [0, 1)"),
-    ({"sparsity": -0.1}, "--sparsity must be in [0, 1)"),
-    ({"sparsity": 0.5, "keep_params": 10}, "exactly one"),
-    ({"keep_params": 0}, "--keep-params"),
-    ({"sparsity": 0.5, "method": "random"}, "unknown method"),
-    ({"sparsity": 0.5, "metric": "beta"}, "unknown metric"),
-    ({"sparsity": 0.5, "structured": True}, "needs --arch"),
-    ({"sparsity": 0.5, "structured": True, "arch": "resnet9000"}, "unknown arch"),
-    ({"sparsity": 0.5, "structured": True, "arch": "no_such_module_xyz:f"}, "cannot import"),
-    ({"sparsity": 0.5, "structured": True, "unstructured": True}, "choose one"),
-    ({"sparsity": 0.5, "importance": "random"}, "unknown --importance"),
-    ({"sparsity": 0.5, "output": DIGITS}, "input file"),
-    ({"sparsity": 0.5, "output": "x.pt"}, ".safetensors"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"sparsity": 1.0}, "--sparsity must be in [0, 1)"),
+        ({"sparsity": -0.1}, "--sparsity must be in [0, 1)"),
+        ({"sparsity": 0.5, "keep_params": 10}, "exactly one"),
+        ({"keep_params": 0}, "--keep-params"),
+        ({"sparsity": 0.5, "method": "random"}, "unknown method"),
+        ({"sparsity": 0.5, "metric": "beta"}, "unknown metric"),
+        ({"sparsity": 0.5, "structured": True}, "needs --arch"),
+        ({"sparsity": 0.5, "structured": True, "arch": "resnet9000"}, "unknown arch"),
+        ({"sparsity": 0.5, "structured": True, "arch": "no_such_module_xyz:f"}, "cannot import"),
+        ({"sparsity": 0.5, "structured": True, "unstructured": True}, "choose one"),
+        ({"sparsity": 0.5, "importance": "random"}, "unknown --importance"),
+        ({"sparsity": 0.5, "output": DIGITS}, "input file"),
+        ({"sparsity": 0.5, "output": "x.pt"}, ".safetensors"),
+    ],
+)
 def test_bad_input_is_one_line(kwargs, needle):
     with pytest.raises(InputError) as err:
         prune(DIGITS, **kwargs)
@@ -466,8 +520,15 @@ def test_load_pruned_model_checks_the_record(tmp_path):
     torch.manual_seed(6)
     src = save(build_model("vgg19", width=0.25), tmp_path / "v.safetensors")
     out = tmp_path / "p.safetensors"
-    prune(src, sparsity=0.3, method="uniform", structured=True, arch="vgg19", width=0.25,
-          output=str(out))
+    prune(
+        src,
+        sparsity=0.3,
+        method="uniform",
+        structured=True,
+        arch="vgg19",
+        width=0.25,
+        output=str(out),
+    )
     with pytest.raises(InputError, match="does not match"):
         load_pruned_model(out, arch="resnet18")
     with pytest.raises(InputError, match="--width"):
@@ -501,8 +562,9 @@ def test_real_pretrained_mobilenet_v2_both_granularities(tmp_path):
     assert max(ratios) > min(ratios)  # the budget follows alpha, not a uniform ratio
 
     out_s = tmp_path / "structured.safetensors"
-    plan_s = prune(src, sparsity=0.3, structured=True, arch="imagenet-mobilenet_v2",
-                   output=str(out_s))
+    plan_s = prune(
+        src, sparsity=0.3, structured=True, arch="imagenet-mobilenet_v2", output=str(out_s)
+    )
     want = plan_s.target["params_after"]
     assert abs(plan_s.achieved["params_after"] - want) <= 0.005 * want
     assert plan_s.groups  # depthwise convs and residual adds are coupled

@@ -1,10 +1,10 @@
 """The command line: one small module per subcommand, each a thin layer over the library."""
 
-from . import allocate as _allocate  # noqa: F401
-from . import analyze as _analyze  # noqa: F401  (registers the command)
-from . import finetune as _finetune  # noqa: F401
-from . import plot as _plot  # noqa: F401
-from . import prune as _prune  # noqa: F401
-from .app import app, main
+from htsr_cli.cli import allocate as _allocate  # noqa: F401
+from htsr_cli.cli import analyze as _analyze  # noqa: F401  (registers the command)
+from htsr_cli.cli import finetune as _finetune  # noqa: F401
+from htsr_cli.cli import plot as _plot  # noqa: F401
+from htsr_cli.cli import prune as _prune  # noqa: F401
+from htsr_cli.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -1,4 +1,4 @@
-"""``htsr allocate``: parse options, call :func:`htsr_cli.allocation_report.run_allocate`."""
+"""``htsr allocate``: parse options, call :func:`htsr_cli.allocate.report.run_allocate`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from typing import Optional
 
 import typer
 
-from . import options
-from .app import app
+from htsr_cli import defaults
+from htsr_cli.cli import options
+from htsr_cli.cli.app import app
 
 _ON_THE_FLY = "Checkpoint SOURCE only: "
 
@@ -27,52 +28,86 @@ _EPILOG = (
 @app.command("allocate", epilog=_EPILOG)
 def allocate_command(
     source: str = typer.Argument(
-        ..., metavar="SOURCE",
+        ...,
+        metavar="SOURCE",
         help="An analysis JSON from 'htsr analyze --format json' ('-' reads it from stdin), "
-             "or a checkpoint (.safetensors/.pt/HF directory), analysed on the fly."),
+        "or a checkpoint (.safetensors/.pt/HF directory), analysed on the fly.",
+    ),
     lr: float = typer.Option(..., "--lr", help="Base learning rate (> 0)."),
     scheme: str = typer.Option(
-        "tb-linear", "--scheme",
+        "tb-linear",
+        "--scheme",
         help="tb-linear | rank | proportional | power:P (e.g. power:2, power:1/2) | log2 | "
-             "softmax | negpow2 | sample-normal | sample-rank | sample-emg."),
+        "softmax | negpow2 | sample-normal | sample-rank | sample-emg.",
+    ),
     metric: str = options.metric(),
-    s1: float = typer.Option(0.5, "--s1", help="Smallest multiplier (tb-linear, rank)."),
-    s2: float = typer.Option(1.5, "--s2", help="Largest multiplier (tb-linear, rank)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample-* schemes."),
+    s1: float = typer.Option(defaults.S1, "--s1", help="Smallest multiplier (tb-linear, rank)."),
+    s2: float = typer.Option(defaults.S2, "--s2", help="Largest multiplier (tb-linear, rank)."),
+    seed: int = typer.Option(defaults.SEED, "--seed", help="Seed of the sample-* schemes."),
     invert: bool = typer.Option(
-        False, "--invert", help="Larger metric gets a smaller LR (default: a larger one)."),
+        False, "--invert", help="Larger metric gets a smaller LR (default: a larger one)."
+    ),
     min_evals: int = typer.Option(
-        50, "--min-evals", help="Layers with fewer eigenvalues keep the base LR."),
+        defaults.PLAN_MIN_EVALS,
+        "--min-evals",
+        help="Layers with fewer eigenvalues keep the base LR.",
+    ),
     all_layers: bool = typer.Option(
-        False, "--all-layers",
-        help="Also allocate the first and last layer (kept at the base LR by default)."),
+        False,
+        "--all-layers",
+        help="Also allocate the first and last layer (kept at the base LR by default).",
+    ),
     wd: Optional[float] = typer.Option(  # noqa: UP045 (typer needs Optional here)
-        None, "--wd", help="Base weight decay: adds AlphaDecay weight-decay multipliers."),
+        None, "--wd", help="Base weight decay: adds AlphaDecay weight-decay multipliers."
+    ),
     wd_scheme: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--wd-scheme", help="Weight-decay map: tb-linear (the default with --wd)."),
-    wd_min_ratio: float = typer.Option(0.667, "--wd-min-ratio",
-                                       help="Smallest weight-decay multiplier."),
-    wd_max_ratio: float = typer.Option(3.0, "--wd-max-ratio",
-                                       help="Largest weight-decay multiplier."),
+        None, "--wd-scheme", help="Weight-decay map: tb-linear (the default with --wd)."
+    ),
+    wd_min_ratio: float = typer.Option(
+        defaults.WD_MIN_RATIO, "--wd-min-ratio", help="Smallest weight-decay multiplier."
+    ),
+    wd_max_ratio: float = typer.Option(
+        defaults.WD_MAX_RATIO, "--wd-max-ratio", help="Largest weight-decay multiplier."
+    ),
     fmt: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--format", "-f",
+        None,
+        "--format",
+        "-f",
         help="table | json | csv. Default: from the -o extension, else a table on a terminal "
-             "and json in a pipe."),
+        "and json in a pipe.",
+    ),
     output: Optional[str] = options.output(),  # noqa: UP045
     fit: Optional[str] = options.fit(None, _ON_THE_FLY, "Default ww."),  # noqa: UP045
     device: Optional[str] = options.device(None, _ON_THE_FLY),  # noqa: UP045
     layers: list[str] = options.layers(_ON_THE_FLY),
     exclude: list[str] = options.exclude(
-        _ON_THE_FLY + "leave out layers whose name matches this glob (repeatable)."),
+        _ON_THE_FLY + "leave out layers whose name matches this glob (repeatable)."
+    ),
     trust_pickle: bool = options.trust_pickle(_ON_THE_FLY),
 ) -> None:
     """Per-layer learning rates (and weight decay) from an HT-SR metric."""
-    from ..allocation_report import run_allocate
+    from htsr_cli.allocate.report import run_allocate
 
     run_allocate(
-        source, fmt=fmt, output=output,
-        lr=lr, scheme=scheme, metric=metric, s1=s1, s2=s2, seed=seed, invert=invert,
-        min_evals=min_evals, all_layers=all_layers, wd=wd, wd_scheme=wd_scheme,
-        wd_min_ratio=wd_min_ratio, wd_max_ratio=wd_max_ratio,
-        fit=fit, device=device, layers=layers, exclude=exclude, trust_pickle=trust_pickle,
+        source,
+        fmt=fmt,
+        output=output,
+        lr=lr,
+        scheme=scheme,
+        metric=metric,
+        s1=s1,
+        s2=s2,
+        seed=seed,
+        invert=invert,
+        min_evals=min_evals,
+        all_layers=all_layers,
+        wd=wd,
+        wd_scheme=wd_scheme,
+        wd_min_ratio=wd_min_ratio,
+        wd_max_ratio=wd_max_ratio,
+        fit=fit,
+        device=device,
+        layers=layers,
+        exclude=exclude,
+        trust_pickle=trust_pickle,
     )

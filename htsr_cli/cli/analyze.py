@@ -1,4 +1,4 @@
-"""``htsr analyze``: parse options, call :func:`htsr_cli.report.run_analysis`."""
+"""``htsr analyze``: parse options, call :func:`htsr_cli.engine.report.run_analysis`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from typing import Optional
 
 import typer
 
-from ..columns import DEFAULT_MIN_EVALS, DEFAULT_SEED, METRICS
-from ..errors import EXIT_GATE_FAILED
-from . import options
-from .app import app
+from htsr_cli.cli import options
+from htsr_cli.cli.app import app
+from htsr_cli.defaults import ANALYZE_MIN_EVALS as DEFAULT_MIN_EVALS
+from htsr_cli.defaults import SEED as DEFAULT_SEED
+from htsr_cli.engine.columns import METRICS
+from htsr_cli.errors import EXIT_GATE_FAILED
 
 _EPILOG = (
     "Examples:\n\n"
@@ -25,49 +27,78 @@ _EPILOG = (
 @app.command("analyze", epilog=_EPILOG)
 def analyze_command(
     checkpoint: Optional[str] = typer.Argument(  # noqa: UP045 (typer needs Optional here)
-        None, metavar="[CKPT]",
+        None,
+        metavar="[CKPT]",
         help="A .safetensors/.pt/.pth/.bin file or a Hugging Face model directory "
-             "(sharded or not). Default: the built-in digits CNN shipped with htsr."),
+        "(sharded or not). Default: the built-in digits CNN shipped with htsr.",
+    ),
     fmt: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--format", "-f",
+        None,
+        "--format",
+        "-f",
         help="table | json | csv | ndjson. Default: from the -o extension, else a table on a "
-             "terminal and json in a pipe. ndjson streams one layer per line."),
+        "terminal and json in a pipe. ndjson streams one layer per line.",
+    ),
     output: Optional[str] = options.output(),  # noqa: UP045
     fit: str = options.fit(),
     metrics: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--metrics", "-m",
+        None,
+        "--metrics",
+        "-m",
         help=f"Comma-separated subset of {', '.join(METRICS)}. Default: all ten. Leaving "
-             "out rand_distance halves the work."),
+        "out rand_distance halves the work.",
+    ),
     device: str = options.device(),
     layers: list[str] = options.layers(),
     exclude: list[str] = options.exclude(),
     min_evals: int = typer.Option(
-        DEFAULT_MIN_EVALS, "--min-evals",
-        help="Skip (and list) layers with fewer pooled eigenvalues."),
-    seed: int = typer.Option(DEFAULT_SEED, "--seed",
-                             help="Seed of the shuffles behind rand_distance."),
+        DEFAULT_MIN_EVALS,
+        "--min-evals",
+        help="Skip (and list) layers with fewer pooled eigenvalues.",
+    ),
+    seed: int = typer.Option(
+        DEFAULT_SEED, "--seed", help="Seed of the shuffles behind rand_distance."
+    ),
     fail_if: list[str] = typer.Option(
-        [], "--fail-if",
+        [],
+        "--fail-if",
         help="CI gate (repeatable): 'alpha > 6', 'mean(alpha) > 4.5', 'count(alpha < 2) > 3', "
-             "\"alpha > 6 on 'encoder.*'\". Exit 1 when any holds. See docs/gates.md."),
+        "\"alpha > 6 on 'encoder.*'\". Exit 1 when any holds. See docs/gates.md.",
+    ),
     trust_pickle: bool = options.trust_pickle(),
     jobs: Optional[int] = typer.Option(  # noqa: UP045
-        None, "--jobs", "-j", min=1,
+        None,
+        "--jobs",
+        "-j",
+        min=1,
         help="Layers analysed at once. Default: up to 4 on the CPU (the cores are split "
-             "between them), 1 on CUDA. Results do not depend on it."),
+        "between them), 1 on CUDA. Results do not depend on it.",
+    ),
     progress: Optional[bool] = typer.Option(  # noqa: UP045
-        None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."),
+        None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."
+    ),
 ) -> None:
     """Compute the ten HT-SR metrics of every layer of a checkpoint."""
-    from .. import digest
+    from htsr_cli.io import digest
 
     digest.prefetch(checkpoint)  # the file's sha256 runs beside the torch import that follows
-    from ..report import run_analysis
+    from htsr_cli.engine.report import run_analysis
 
     result = run_analysis(
-        checkpoint, fmt=fmt, output=output, progress=progress,
-        fit=fit, metrics=metrics, device=device, layers=layers, exclude=exclude,
-        min_evals=min_evals, seed=seed, fail_if=fail_if, trust_pickle=trust_pickle, jobs=jobs,
+        checkpoint,
+        fmt=fmt,
+        output=output,
+        progress=progress,
+        fit=fit,
+        metrics=metrics,
+        device=device,
+        layers=layers,
+        exclude=exclude,
+        min_evals=min_evals,
+        seed=seed,
+        fail_if=fail_if,
+        trust_pickle=trust_pickle,
+        jobs=jobs,
     )
     if result.failed_gates:
         raise typer.Exit(EXIT_GATE_FAILED)

@@ -11,8 +11,8 @@ import sys
 
 import typer
 
-from .. import __version__
-from ..errors import (
+from htsr_cli import __version__
+from htsr_cli.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -43,8 +43,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Heavy-Tailed Self-Regularization metrics for neural-network checkpoints."""
 
@@ -90,8 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: never exit 1, which means "a gate failed"
         if os.environ.get("HTSR_DEBUG"):
             raise
-        sys.stderr.write(f"htsr: internal error: {type(exc).__name__}: {one_line(exc)} (a bug; "
-                         "HTSR_DEBUG=1 shows the traceback)\n")
+        sys.stderr.write(
+            f"htsr: internal error: {type(exc).__name__}: {one_line(exc)} (a bug; "
+            "HTSR_DEBUG=1 shows the traceback)\n"
+        )
         code = EXIT_INTERNAL
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
         report_interrupt()

@@ -8,11 +8,13 @@ from typing import Any
 
 import typer
 
-from ..columns import METRICS
+from htsr_cli.engine.columns import METRICS
 
-FIT_HELP = ("Power-law fit: ww (WeightWatcher: xmin = argmin KS distance), median (TempBalance: "
-            "xmin = median eigenvalue), peak (xmin near the ESD peak), clip-xmax (refit without "
-            "finger eigenvalues).")
+FIT_HELP = (
+    "Power-law fit: ww (WeightWatcher: xmin = argmin KS distance), median (TempBalance: "
+    "xmin = median eigenvalue), peak (xmin near the ESD peak), clip-xmax (refit without "
+    "finger eigenvalues)."
+)
 METRIC_NAMES = ", ".join(METRICS[:-1]) + " or " + METRICS[-1]
 
 
@@ -25,9 +27,12 @@ def device(default: str | None = "auto", when: str = "") -> Any:
 
 
 def trust_pickle(when: str = "") -> Any:
-    return typer.Option(False, "--trust-pickle",
-                        help=when + "Allow torch files that need arbitrary code to unpickle. "
-                        "Only for files you trust.")
+    return typer.Option(
+        False,
+        "--trust-pickle",
+        help=when + "Allow torch files that need arbitrary code to unpickle. "
+        "Only for files you trust.",
+    )
 
 
 def metric(when: str = "") -> Any:
@@ -35,8 +40,9 @@ def metric(when: str = "") -> Any:
 
 
 def layers(when: str = "") -> Any:
-    return typer.Option([], "--layers", help=when + "Only layers whose name matches this glob "
-                        "(repeatable).")
+    return typer.Option(
+        [], "--layers", help=when + "Only layers whose name matches this glob (repeatable)."
+    )
 
 
 def exclude(text: str = "Leave out layers whose name matches this glob (repeatable).") -> Any:

@@ -1,4 +1,4 @@
-"""``htsr prune``: parse options, call :func:`htsr_cli.prune_report.run_prune`."""
+"""``htsr prune``: parse options, call :func:`htsr_cli.prune.report.run_prune`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from typing import Optional
 
 import typer
 
-from . import options
-from .app import app
+from htsr_cli import defaults
+from htsr_cli.cli import options
+from htsr_cli.cli.app import app
 
 _EPILOG = (
     "Examples:\n\n"
@@ -29,81 +30,135 @@ _EPILOG = (
 @app.command("prune", epilog=_EPILOG)
 def prune_command(
     source: str = typer.Argument(
-        ..., metavar="SOURCE",
+        ...,
+        metavar="SOURCE",
         help="A checkpoint (.safetensors/.pt/HF directory, or a pruned checkpoint), or an "
-             "analysis JSON from 'htsr analyze --format json' ('-' reads it from stdin) for a "
-             "plan only."),
+        "analysis JSON from 'htsr analyze --format json' ('-' reads it from stdin) for a "
+        "plan only.",
+    ),
     sparsity: Optional[float] = typer.Option(  # noqa: UP045 (typer needs Optional here)
-        None, "--sparsity", "-s", help="Fraction of the prunable parameters to remove, [0, 1)."),
+        None, "--sparsity", "-s", help="Fraction of the prunable parameters to remove, [0, 1)."
+    ),
     keep_params: Optional[int] = typer.Option(  # noqa: UP045
-        None, "--keep-params", help="Instead of --sparsity: prunable parameters to keep."),
+        None, "--keep-params", help="Instead of --sparsity: prunable parameters to keep."
+    ),
     method: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--method", help="metric (default) | uniform | erk | lamp."),
+        None, "--method", help="metric (default) | uniform | erk | lamp."
+    ),
     metric: str = options.metric("metric method: "),
     more_where: str = typer.Option(
-        "larger", "--more-where",
+        "larger",
+        "--more-where",
         help="larger: prune layers with a larger metric more (AlphaPruning for alpha; the "
-             "thesis's 'directly proportional'); smaller: the inverse."),
+        "thesis's 'directly proportional'); smaller: the inverse.",
+    ),
     mapping: str = typer.Option(
-        "linear", "--mapping",
+        "linear",
+        "--mapping",
         help="linear: AlphaPruning's [1-eps, 1+eps] map; proportional: the thesis's ratio "
-             "proportional to the metric (or its inverse)."),
-    eps: float = typer.Option(0.2, "--eps", help="Half-width of the linear mapping, [0, 1)."),
+        "proportional to the metric (or its inverse).",
+    ),
+    eps: float = typer.Option(
+        defaults.EPS, "--eps", help="Half-width of the linear mapping, [0, 1)."
+    ),
     budget_step: Optional[float] = typer.Option(  # noqa: UP045
-        None, "--budget-step",
+        None,
+        "--budget-step",
         help="The thesis's incremental rule: raise every layer's ratio by this step until it "
-             "reaches its budget or the model its target (never over-prunes), e.g. 0.01."),
+        "reaches its budget or the model its target (never over-prunes), e.g. 0.01.",
+    ),
     max_ratio: float = typer.Option(
-        0.95, "--max-ratio", help="No layer (or coupled group) loses a larger fraction."),
+        defaults.MAX_RATIO,
+        "--max-ratio",
+        help="No layer (or coupled group) loses a larger fraction.",
+    ),
     min_evals: int = typer.Option(
-        50, "--min-evals", help="metric method: layers with fewer eigenvalues get the "
-                                "average budget."),
+        defaults.PLAN_MIN_EVALS,
+        "--min-evals",
+        help="metric method: layers with fewer eigenvalues get the average budget.",
+    ),
     structured: bool = typer.Option(
-        False, "--structured", help="Remove whole channels with Torch-Pruning (needs --arch)."),
+        False, "--structured", help="Remove whole channels with Torch-Pruning (needs --arch)."
+    ),
     unstructured: bool = typer.Option(
-        False, "--unstructured",
-        help="Zero the smallest weights of each layer (the default; any checkpoint)."),
+        False,
+        "--unstructured",
+        help="Zero the smallest weights of each layer (the default; any checkpoint).",
+    ),
     arch: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--arch",
+        None,
+        "--arch",
         help="Architecture: a built-in (resnet18, vgg19, densenet40, wrn28-10, mobilenetv2, "
-             "imagenet-resnet50, ...) or package.module:function."),
+        "imagenet-resnet50, ...) or package.module:function.",
+    ),
     num_classes: Optional[int] = typer.Option(  # noqa: UP045
-        None, "--num-classes", help="Classes of the model (default: from the checkpoint)."),
+        None, "--num-classes", help="Classes of the model (default: from the checkpoint)."
+    ),
     width: Optional[float] = typer.Option(  # noqa: UP045
-        None, "--width", help="Width multiplier of a CIFAR arch (default 1)."),
+        None, "--width", help="Width multiplier of a CIFAR arch (default 1)."
+    ),
     importance: str = typer.Option(
-        "l2", "--importance",
+        "l2",
+        "--importance",
         help="Channel criterion (structured): l2 | l1 | lamp | bn-scale | taylor (taylor "
-             "takes gradients on the built-in digits data)."),
+        "takes gradients on the built-in digits data).",
+    ),
     analysis: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--analysis", help="Take the metric from this analysis JSON instead of "
-                                 "analysing SOURCE."),
+        None,
+        "--analysis",
+        help="Take the metric from this analysis JSON instead of analysing SOURCE.",
+    ),
     plan: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--plan", help="Reuse the per-layer budgets of a plan JSON (from --format json)."),
+        None, "--plan", help="Reuse the per-layer budgets of a plan JSON (from --format json)."
+    ),
     exclude: list[str] = typer.Option(
-        [], "--exclude", help="Never prune layers whose name matches this glob (repeatable)."),
+        [], "--exclude", help="Never prune layers whose name matches this glob (repeatable)."
+    ),
     prune_embeddings: bool = typer.Option(
-        False, "--prune-embeddings", help="Also prune embedding tables (unstructured)."),
+        False, "--prune-embeddings", help="Also prune embedding tables (unstructured)."
+    ),
     fmt: str = typer.Option(
-        "table", "--format", "-f", help="The plan on stdout: table (default) | json."),
+        "table", "--format", "-f", help="The plan on stdout: table (default) | json."
+    ),
     output: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--output", "-o", help="Write the pruned checkpoint here (.safetensors, "
-                                     "atomically)."),
+        None, "--output", "-o", help="Write the pruned checkpoint here (.safetensors, atomically)."
+    ),
     fit: Optional[str] = options.fit(None, "On-the-fly analysis: ", "Default ww."),  # noqa: UP045
     device: Optional[str] = options.device(None, "On-the-fly analysis: "),  # noqa: UP045
     trust_pickle: bool = options.trust_pickle(),
     progress: Optional[bool] = typer.Option(  # noqa: UP045
-        None, "--progress/--no-progress", help="Progress on stderr (default: on a terminal)."),
+        None, "--progress/--no-progress", help="Progress on stderr (default: on a terminal)."
+    ),
 ) -> None:
     """Prune a model to a global target with per-layer budgets from an HT-SR metric."""
-    from ..prune_report import run_prune
+    from htsr_cli.prune.report import run_prune
 
     run_prune(
-        source, fmt=fmt, output=output, progress=progress,
-        sparsity=sparsity, keep_params=keep_params, method=method, metric=metric,
-        more_where=more_where, mapping=mapping, eps=eps, budget_step=budget_step,
-        max_ratio=max_ratio, min_evals=min_evals, structured=structured,
-        unstructured=unstructured, arch=arch, num_classes=num_classes, width=width,
-        importance=importance, analysis=analysis, plan=plan, exclude=exclude,
-        prune_embeddings=prune_embeddings, trust_pickle=trust_pickle, fit=fit, device=device,
+        source,
+        fmt=fmt,
+        output=output,
+        progress=progress,
+        sparsity=sparsity,
+        keep_params=keep_params,
+        method=method,
+        metric=metric,
+        more_where=more_where,
+        mapping=mapping,
+        eps=eps,
+        budget_step=budget_step,
+        max_ratio=max_ratio,
+        min_evals=min_evals,
+        structured=structured,
+        unstructured=unstructured,
+        arch=arch,
+        num_classes=num_classes,
+        width=width,
+        importance=importance,
+        analysis=analysis,
+        plan=plan,
+        exclude=exclude,
+        prune_embeddings=prune_embeddings,
+        trust_pickle=trust_pickle,
+        fit=fit,
+        device=device,
     )

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from htsr_cli.checkpoint import Checkpoint, open_checkpoint
 from htsr_cli.errors import InputError, one_line
+from htsr_cli.io.checkpoint import Checkpoint, open_checkpoint
 from htsr_cli.models.convnets import VGG, DenseNet, MobileNetV2
 from htsr_cli.models.resnets import BasicBlock, Bottleneck, ResNet, WideResNet
 
@@ -262,8 +262,10 @@ def build_model(
     except InputError:
         raise
     except Exception as exc:  # a user factory's own failure: report it on one line
-        raise InputError(f"--arch {spec.name}: factory failed: {type(exc).__name__}: "
-                         f"{one_line(exc, 300, join=True)}") from None
+        raise InputError(
+            f"--arch {spec.name}: factory failed: {type(exc).__name__}: "
+            f"{one_line(exc, 300, join=True)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise InputError(
             f"--arch {spec.name}: factory returned a {type(model).__name__}, not an nn.Module"
@@ -322,8 +324,8 @@ def load_state(
 ) -> None:
     """Copy a checkpoint's tensors into ``model`` in place, one tensor at a time.
 
-    ``source`` is a path (any layout :func:`~htsr_cli.checkpoint.open_checkpoint` reads), a
-    state dict, an ``nn.Module`` or an open :class:`~htsr_cli.checkpoint.Checkpoint` (left
+    ``source`` is a path (any layout :func:`~htsr_cli.io.checkpoint.open_checkpoint` reads), a
+    state dict, an ``nn.Module`` or an open :class:`~htsr_cli.io.checkpoint.Checkpoint` (left
     open). Values are cast to the model's dtype and device. A BatchNorm ``num_batches_tracked``
     missing from the checkpoint is not an error: older torchvision files lack it.
 

@@ -9,31 +9,26 @@
 - :func:`plot_tradeoff`: test accuracy against parameters remaining (run directories).
 """
 
-from .common import FORMATS, PALETTE, abbreviate, output_format
-from .esd import ESDPanel, ESDPlot, plot_esd, power_law_line
-from .layers import (
-    LayerPlot,
-    LayerSeries,
-    plot_lr_plans,
-    plot_metrics,
-    plot_prune_plans,
-    read_analysis,
-    read_prune_plan,
-)
-from .runs import (
-    HistoryPlot,
-    RunHistory,
-    TradeoffLine,
-    TradeoffPlot,
-    plot_history,
-    plot_tradeoff,
-    read_final,
-    read_history,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FORMATS", "PALETTE", "ESDPanel", "ESDPlot", "HistoryPlot", "LayerPlot", "LayerSeries",
-    "RunHistory", "TradeoffLine", "TradeoffPlot", "abbreviate", "output_format", "plot_esd",
-    "plot_history", "plot_lr_plans", "plot_metrics", "plot_prune_plans", "plot_tradeoff",
-    "power_law_line", "read_analysis", "read_final", "read_history", "read_prune_plan",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "FORMATS": "common", "PALETTE": "common", "abbreviate": "common", "output_format": "common",
+    "ESDPanel": "esd", "ESDPlot": "esd", "plot_esd": "esd", "power_law_line": "esd",
+    "LayerPlot": "layers", "LayerSeries": "layers", "plot_lr_plans": "layers",
+    "plot_metrics": "layers", "plot_prune_plans": "layers", "read_analysis": "layers",
+    "read_prune_plan": "layers",
+    "HistoryPlot": "runs", "RunHistory": "runs", "TradeoffLine": "runs", "TradeoffPlot": "runs",
+    "plot_history": "runs", "plot_tradeoff": "runs", "read_final": "runs", "read_history": "runs",
+}  # fmt: skip
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the figures from JSON documents never import torch (only plot_esd analyses).
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,16 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..output import check_writable, open_output
+from htsr_cli.errors import InputError
+from htsr_cli.io.output import check_writable, open_output
 
 #: Output extension -> matplotlib format.
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DEFAULT_DPI = 150
 
 #: Okabe & Ito (2008), the colour-blind-safe qualitative palette; yellow last (weak on white).
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000",
-           "#F0E442")
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
 #: A marker per series as well, so that overlays stay apart without colour.
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", "-.", ":")
@@ -44,8 +43,10 @@ def output_format(path: str | os.PathLike) -> str:
     """
     ext = Path(path).suffix.lower()
     if ext not in FORMATS:
-        raise InputError(f"cannot tell the image format of {path}: the extension must be "
-                         f"{', '.join(FORMATS)} (got {ext or 'none'!r})")
+        raise InputError(
+            f"cannot tell the image format of {path}: the extension must be "
+            f"{', '.join(FORMATS)} (got {ext or 'none'!r})"
+        )
     check_writable(path)
     return FORMATS[ext]
 
@@ -105,8 +106,9 @@ def abbreviate(names: Sequence[str], max_len: int = MAX_NAME) -> list[str]:
         groups: dict[str, list[int]] = {}
         for i, lab in enumerate(labels):
             groups.setdefault(lab, []).append(i)
-        grow = [i for idx in groups.values() if len(idx) > 1 for i in idx
-                if keep[i] < len(parts[i])]
+        grow = [
+            i for idx in groups.values() if len(idx) > 1 for i in idx if keep[i] < len(parts[i])
+        ]
         if not grow:
             break
         for i in grow:
@@ -146,8 +148,9 @@ def log_ticks(axis: Any, lo: float, hi: float) -> None:
     span = math.log10(hi / lo) if hi > 0 and lo > 0 else 99.0
     if span < 2:
         # Under half a decade log ticks would leave one label: linear steps look the same.
-        axis.set_major_locator(MaxNLocator(nbins=4) if span < 0.5
-                               else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_locator(
+            MaxNLocator(nbins=4) if span < 0.5 else LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+        )
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
 
 
@@ -167,14 +170,16 @@ def union_order(name_lists: Sequence[Sequence[str]]) -> list[str]:
     return list(seen)
 
 
-def series_labels(defaults: Sequence[str], fallbacks: Sequence[str],
-                  given: Sequence[str] | None, what: str) -> list[str]:
+def series_labels(
+    defaults: Sequence[str], fallbacks: Sequence[str], given: Sequence[str] | None, what: str
+) -> list[str]:
     """Legend labels: ``given`` (one per input) when passed, else ``defaults``, else
     ``fallbacks`` (file-based) where defaults collide."""
     if given:
         if len(given) != len(defaults):
-            raise InputError(f"{len(given)} --label for {len(defaults)} {what}: give one per "
-                             "input or none")
+            raise InputError(
+                f"{len(given)} --label for {len(defaults)} {what}: give one per input or none"
+            )
         return list(given)
     if len(set(defaults)) == len(defaults):
         return list(defaults)
@@ -190,8 +195,11 @@ def path_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
         labs = []
         for p in ps:
             last = p.stem if p.suffix else p.name
-            labs.append("/".join([*p.parent.parts[len(p.parent.parts) - depth + 1:], last])
-                        if depth > 1 else last)
+            labs.append(
+                "/".join([*p.parent.parts[len(p.parent.parts) - depth + 1 :], last])
+                if depth > 1
+                else last
+            )
         if len(set(labs)) == len(labs) or depth > 8:
             return labs
         depth += 1
@@ -203,8 +211,7 @@ def outside_legend(fig: Any, handles: list[Any], labels: list[str]) -> None:
         return
     # Row-major filling reads best; as many columns as the figure's width allows.
     ncols = min(len(handles), max(2, int(fig.get_figwidth() / 2.3)))
-    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8,
-               frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
 
 
 def select_layers(available: Sequence[str], globs: Sequence[str]) -> list[str]:
@@ -214,6 +221,5 @@ def select_layers(available: Sequence[str], globs: Sequence[str]) -> list[str]:
     for g in globs:
         if not any(fnmatch.fnmatchcase(n, g) for n in available):
             listed = ", ".join(available[:6]) + (", ..." if len(available) > 6 else "")
-            raise InputError(f"--layer {g!r} matches no layer ({len(available)} layers: "
-                             f"{listed})")
+            raise InputError(f"--layer {g!r} matches no layer ({len(available)} layers: {listed})")
     return [n for n in available if any(fnmatch.fnmatchcase(n, g) for g in globs)]

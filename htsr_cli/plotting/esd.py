@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis import analyze, exact_glob, layer_refs
-from ..checkpoint import open_checkpoint
-from ..data import default_checkpoint
-from ..errors import InputError
-from .common import (
+from htsr_cli.assets import default_checkpoint
+from htsr_cli.engine.analysis import analyze, exact_glob, layer_refs
+from htsr_cli.errors import InputError
+from htsr_cli.io.checkpoint import open_checkpoint
+from htsr_cli.plotting.common import (
     DEFAULT_DPI,
     PALETTE,
     log_ticks,
@@ -70,8 +70,9 @@ class ESDPlot:
     notes: list[str] = field(default_factory=list)
 
 
-def power_law_line(alpha: float, xmin: float, xmax: float, tail_fraction: float,
-                   points: int = _LINE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+def power_law_line(
+    alpha: float, xmin: float, xmax: float, tail_fraction: float, points: int = _LINE_POINTS
+) -> tuple[np.ndarray, np.ndarray]:
     """The fitted density from xmin to xmax, scaled by the tail fraction."""
     x = np.geomspace(xmin, max(xmax, xmin * (1 + 1e-9)), points)
     y = tail_fraction * (alpha - 1) / xmin * (x / xmin) ** (-alpha)
@@ -89,21 +90,30 @@ def log_bins(values: np.ndarray, xmin: float | None, bins: int) -> np.ndarray:
     share = math.log(xmin / lo) / math.log(hi / lo)
     below = max(1, round(bins * share))
     above = max(1, bins - below)
-    return np.concatenate([np.geomspace(lo, xmin, below + 1)[:-1],
-                           np.geomspace(xmin, hi, above + 1)])
+    return np.concatenate(
+        [np.geomspace(lo, xmin, below + 1)[:-1], np.geomspace(xmin, hi, above + 1)]
+    )
 
 
 def _bin_count(n: int) -> int:
     return int(np.clip(round(2 * math.sqrt(n)), 8, 60))
 
 
-def esd_panel(name: str, evals: np.ndarray, row: dict[str, Any], *, fit: str,
-              thresh: float, linear: bool = False) -> ESDPanel:
+def esd_panel(
+    name: str,
+    evals: np.ndarray,
+    row: dict[str, Any],
+    *,
+    fit: str,
+    thresh: float,
+    linear: bool = False,
+) -> ESDPanel:
     """Histogram and fitted line of one layer from its eigenvalues and its analysis row."""
     evals = np.asarray(evals, dtype=np.float64)
     pos = np.sort(evals[evals > thresh])
-    alpha, xmin, xmax = (float(row.get(k) if row.get(k) is not None else math.nan)
-                         for k in ("alpha", "xmin", "xmax"))
+    alpha, xmin, xmax = (
+        float(row.get(k) if row.get(k) is not None else math.nan) for k in ("alpha", "xmin", "xmax")
+    )
     fitted = row.get("status") == "success" and all(map(math.isfinite, (alpha, xmin, xmax)))
     n_fit = int(pos.size)
     n_tail = int((pos >= xmin).sum()) if fitted else 0
@@ -116,11 +126,22 @@ def esd_panel(name: str, evals: np.ndarray, row: dict[str, Any], *, fit: str,
             edges = log_bins(pos, xmin if fitted else None, _bin_count(n_fit))
         counts, _ = np.histogram(pos, bins=edges)
         density = counts / (n_fit * np.diff(edges))
-    panel = ESDPanel(name=name, fit=fit, alpha=alpha, xmin=xmin, xmax=xmax,
-                     D=float(row.get("D") if row.get("D") is not None else math.nan),
-                     num_evals=int(evals.size), num_fit=n_fit, num_tail=n_tail,
-                     status=str(row.get("status", "")), warning=str(row.get("warning", "")),
-                     linear=linear, bin_edges=edges, density=density)
+    panel = ESDPanel(
+        name=name,
+        fit=fit,
+        alpha=alpha,
+        xmin=xmin,
+        xmax=xmax,
+        D=float(row.get("D") if row.get("D") is not None else math.nan),
+        num_evals=int(evals.size),
+        num_fit=n_fit,
+        num_tail=n_tail,
+        status=str(row.get("status", "")),
+        warning=str(row.get("warning", "")),
+        linear=linear,
+        bin_edges=edges,
+        density=density,
+    )
     if fitted and n_fit:
         panel.line_x, panel.line_y = power_law_line(alpha, xmin, xmax, n_tail / n_fit)
     return panel
@@ -132,11 +153,24 @@ def _draw(ax: Any, p: ESDPanel) -> None:
     tail = (left >= p.xmin) if p.line_x.size else np.zeros_like(nz)
     for mask, col, lab in ((nz & ~tail, _BODY, "ESD"), (nz & tail, _TAIL, "ESD tail (λ ≥ xmin)")):
         if mask.any():
-            ax.bar(left[mask], p.density[mask], width=widths[mask], align="edge", color=col,
-                   edgecolor="white", linewidth=0.3, label=lab)
+            ax.bar(
+                left[mask],
+                p.density[mask],
+                width=widths[mask],
+                align="edge",
+                color=col,
+                edgecolor="white",
+                linewidth=0.3,
+                label=lab,
+            )
     if p.line_x.size:
-        ax.plot(p.line_x, p.line_y, color=_LINE, linewidth=2,
-                label="power-law fit" + ("" if p.linear else " (slope −α)"))
+        ax.plot(
+            p.line_x,
+            p.line_y,
+            color=_LINE,
+            linewidth=2,
+            label="power-law fit" + ("" if p.linear else " (slope −α)"),
+        )
         ax.axvline(p.xmin, color="black", linestyle="--", linewidth=1, label="xmin")
         title2 = f"α = {p.alpha:.2f}   D = {p.D:.3f}   fit = {p.fit}"
     else:
@@ -155,8 +189,16 @@ def _draw(ax: Any, p: ESDPanel) -> None:
     ax.set_ylabel("density" + ("" if p.linear else " (log)"), fontsize=8)
     ax.tick_params(labelsize=7)
     if p.warning:
-        ax.text(0.98, 0.97, p.warning.replace("; ", "\n"), transform=ax.transAxes, ha="right",
-                va="top", fontsize=6.5, color="#555555")
+        ax.text(
+            0.98,
+            0.97,
+            p.warning.replace("; ", "\n"),
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=6.5,
+            color="#555555",
+        )
 
 
 def plot_esd(
@@ -175,7 +217,7 @@ def plot_esd(
     """ESD of one or more layers of a checkpoint, log-log with the fitted power law.
 
     Args:
-        source: a checkpoint (any format :func:`~htsr_cli.analysis.analyze` reads) or None
+        source: a checkpoint (any format :func:`~htsr_cli.engine.analysis.analyze` reads) or None
             for the built-in demo checkpoint.
         output: ``.png``, ``.svg`` or ``.pdf`` path, written atomically.
         layers: fnmatch globs on layer names; each must match at least one layer.
@@ -192,39 +234,55 @@ def plot_esd(
     if source is None:
         source = default_checkpoint()
     if isinstance(source, str | os.PathLike) and Path(source).suffix.lower() == ".json":
-        raise InputError(f"{source}: plot esd needs a checkpoint (an analysis JSON holds no "
-                         "eigenvalues)")
+        raise InputError(
+            f"{source}: plot esd needs a checkpoint (an analysis JSON holds no eigenvalues)"
+        )
     notes: list[str] = []
     ckpt = open_checkpoint(source, trust_pickle=trust_pickle)
     try:
-        available = [r.key[:-len(".weight")] for r in layer_refs(ckpt)]
+        available = [r.key[: -len(".weight")] for r in layer_refs(ckpt)]
         chosen = select_layers(available, layers)
         if len(chosen) > max_layers:
-            notes.append(f"showing the first {max_layers} of {len(chosen)} layers "
-                         "(see --max-layers, --layer)")
+            notes.append(
+                f"showing the first {max_layers} of {len(chosen)} layers "
+                "(see --max-layers, --layer)"
+            )
             chosen = chosen[:max_layers]
-        result = analyze(ckpt, fit=fit, metrics=["alpha"], device=device,
-                         layers=[exact_glob(n) for n in chosen], keep_spectra=True,
-                         on_progress=on_progress)
+        result = analyze(
+            ckpt,
+            fit=fit,
+            metrics=["alpha"],
+            device=device,
+            layers=[exact_glob(n) for n in chosen],
+            keep_spectra=True,
+            on_progress=on_progress,
+        )
     finally:
         ckpt.close()
     notes += [f"{s['name']} left out: {s['reason']}" for s in result.skipped]
     if not result.layers:
-        raise InputError("no layer to plot: every selected layer was skipped ("
-                         + "; ".join(f"{s['name']}: {s['reason']}" for s in result.skipped) + ")")
+        raise InputError(
+            "no layer to plot: every selected layer was skipped ("
+            + "; ".join(f"{s['name']}: {s['reason']}" for s in result.skipped)
+            + ")"
+        )
     thresh = float(result.options["evals_thresh"])
-    panels = [esd_panel(r["name"], result.spectra[r["name"]].numpy(), r, fit=fit, thresh=thresh,
-                        linear=linear) for r in result.layers]
+    panels = [
+        esd_panel(
+            r["name"], result.spectra[r["name"]].numpy(), r, fit=fit, thresh=thresh, linear=linear
+        )
+        for r in result.layers
+    ]
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = new_figure(max(5.0, 3.6 * ncols), 3.0 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, p in zip(axes, panels, strict=False):
         _draw(ax, p)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     handles: dict[str, Any] = {}
-    for ax in axes[:len(panels)]:
+    for ax in axes[: len(panels)]:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
     outside_legend(fig, list(handles.values()), list(handles))

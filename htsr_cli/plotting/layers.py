@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import plans
-from ..analysis import ALPHA_HIGH, ALPHA_LOW
-from ..errors import InputError
-from ..metrics import METRICS
-from ..plans import LRPlan, check_schema, finite, load_plan, read_json, require
-from .common import (
+from htsr_cli.allocate.plan import LRPlan, load_plan
+from htsr_cli.engine.columns import ALPHA_HIGH, ALPHA_LOW, METRICS
+from htsr_cli.errors import InputError
+from htsr_cli.io import documents as plans
+from htsr_cli.io.documents import finite
+from htsr_cli.plotting.common import (
     DEFAULT_DPI,
     abbreviate,
     colour,
@@ -35,8 +35,8 @@ from .common import (
     series_labels,
     union_order,
 )
+from htsr_cli.prune.plan import plan_ratios, read_plan
 
-PRUNE_PLAN_SCHEMA = "htsr.prune-plan/1"
 _BASELINES = ("uniform", "erk", "lamp")
 
 
@@ -83,6 +83,7 @@ def _need_inputs(sources: Sequence[Any], what: str) -> None:
 
 # ---------------------------------------------------------------- metrics
 
+
 def read_analysis(source: Any, label: str = "analysis") -> dict[str, Any]:
     """An ``htsr.analysis/1`` document from a path, ``-``, a dict or an :class:`Analysis`."""
     return plans.read_analysis(source, label)[0]
@@ -110,8 +111,9 @@ def plot_metrics(
     for i, doc in enumerate(docs):
         if not any(metric in row for row in doc["layers"]):
             computed = ", ".join(m for m in METRICS if m in doc["layers"][0]) or "none"
-            raise InputError(f"{_label_of(analyses[i], i)} has no {metric!r} values "
-                             f"(computed: {computed})")
+            raise InputError(
+                f"{_label_of(analyses[i], i)} has no {metric!r} values (computed: {computed})"
+            )
         names_per_doc.append([str(r["name"]) for r in doc["layers"]])
         values_per_doc.append(np.array([finite(r.get(metric)) for r in doc["layers"]]))
     defaults = _file_labels(analyses)
@@ -129,25 +131,54 @@ def plot_metrics(
     fig = new_figure(width, 4.6)
     ax = fig.subplots()
     if metric == "alpha":
-        ax.axhspan(ALPHA_LOW, ALPHA_HIGH, color="#009E73", alpha=0.12, linewidth=0,
-                   label=f"{ALPHA_LOW:g} ≤ α ≤ {ALPHA_HIGH:g} (well trained)")
+        ax.axhspan(
+            ALPHA_LOW,
+            ALPHA_HIGH,
+            color="#009E73",
+            alpha=0.12,
+            linewidth=0,
+            label=f"{ALPHA_LOW:g} ≤ α ≤ {ALPHA_HIGH:g} (well trained)",
+        )
     dense = len(order) > 60  # smaller marks where layers crowd the axis
     for i, s in enumerate(series):
-        ax.plot(s.positions, s.values, color=colour(i), marker=marker(i),
-                markersize=3 if dense else 5, linewidth=1.2 if dense else 1.4, label=s.label)
+        ax.plot(
+            s.positions,
+            s.values,
+            color=colour(i),
+            marker=marker(i),
+            markersize=3 if dense else 5,
+            linewidth=1.2 if dense else 1.4,
+            label=s.label,
+        )
     if metric == "alpha":
-        for key, sym, text in (("over_trained", "v", f"over-trained (α < {ALPHA_LOW:g})"),
-                               ("under_trained", "^", f"under-trained (α > {ALPHA_HIGH:g})")):
-            pts = [(p, v) for s in series for n, p, v in zip(s.names, s.positions, s.values,
-                                                             strict=True) if n in s.info[key]]
+        for key, sym, text in (
+            ("over_trained", "v", f"over-trained (α < {ALPHA_LOW:g})"),
+            ("under_trained", "^", f"under-trained (α > {ALPHA_HIGH:g})"),
+        ):
+            pts = [
+                (p, v)
+                for s in series
+                for n, p, v in zip(s.names, s.positions, s.values, strict=True)
+                if n in s.info[key]
+            ]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.scatter(xs, ys, s=60 if dense else 150, marker=sym, facecolors="none",
-                           edgecolors="black", linewidths=1.3, zorder=5, label=text)
+                ax.scatter(
+                    xs,
+                    ys,
+                    s=60 if dense else 150,
+                    marker=sym,
+                    facecolors="none",
+                    edgecolors="black",
+                    linewidths=1.3,
+                    zorder=5,
+                    label=text,
+                )
     layer_axis(ax, order, width - 1.2)
     ax.set_ylabel("α (power-law exponent of the ESD tail)" if metric == "alpha" else metric)
-    ax.set_title(f"{metric} per layer" + (" — " + series[0].label if len(series) == 1 else ""),
-                 fontsize=10)
+    ax.set_title(
+        f"{metric} per layer" + (" — " + series[0].label if len(series) == 1 else ""), fontsize=10
+    )
     ax.grid(axis="y", alpha=0.3)
     outside_legend(fig, *ax.get_legend_handles_labels())
     save(fig, output, fmt, dpi)
@@ -155,6 +186,7 @@ def plot_metrics(
 
 
 # ---------------------------------------------------------------- LR plans
+
 
 def plot_lr_plans(
     plans: Sequence[Any],
@@ -169,19 +201,31 @@ def plot_lr_plans(
     fmt = output_format(output)
     _need_inputs(plans, "plan")
     loaded: list[LRPlan] = [load_plan(p) for p in plans]
-    defaults = [pl.scheme if pl.metric == "alpha" else f"{pl.scheme} ({pl.metric})"
-                for pl in loaded]
-    names = series_labels(defaults, [f"{d} [{f}]" for d, f in
-                                     zip(defaults, _file_labels(plans), strict=True)],
-                          labels, "plans")
+    defaults = [
+        pl.scheme if pl.metric == "alpha" else f"{pl.scheme} ({pl.metric})" for pl in loaded
+    ]
+    names = series_labels(
+        defaults,
+        [f"{d} [{f}]" for d, f in zip(defaults, _file_labels(plans), strict=True)],
+        labels,
+        "plans",
+    )
     order = union_order([[ly.name for ly in pl.layers] for pl in loaded])
     series = []
     for lab, pl in zip(names, loaded, strict=True):
         ns = [ly.name for ly in pl.layers]
-        series.append(LayerSeries(lab, ns, np.array([ly.multiplier for ly in pl.layers]),
-                                  _positions(ns, order),
-                                  {"base": [ly.name for ly in pl.layers if ly.status == "base"],
-                                   "base_lr": pl.base_lr}))
+        series.append(
+            LayerSeries(
+                lab,
+                ns,
+                np.array([ly.multiplier for ly in pl.layers]),
+                _positions(ns, order),
+                {
+                    "base": [ly.name for ly in pl.layers if ly.status == "base"],
+                    "base_lr": pl.base_lr,
+                },
+            )
+        )
 
     width = layer_figure_width(len(order), columns=2)
     fig = new_figure(width, 4.6)
@@ -189,16 +233,30 @@ def plot_lr_plans(
     for i, s in enumerate(series):
         base = np.array([n in s.info["base"] for n in s.names])
         kw = dict(color=colour(i), marker=marker(i), markersize=5)
-        ax.plot(s.positions, s.values, linewidth=1.3, label=s.label, markevery=list(
-            np.flatnonzero(~base)), **kw)
+        ax.plot(
+            s.positions,
+            s.values,
+            linewidth=1.3,
+            label=s.label,
+            markevery=list(np.flatnonzero(~base)),
+            **kw,
+        )
         if base.any():
-            ax.plot(s.positions[base], s.values[base], linestyle="none", markerfacecolor="white",
-                    **kw)
+            ax.plot(
+                s.positions[base], s.values[base], linestyle="none", markerfacecolor="white", **kw
+            )
         ranked = np.sort(s.values)[::-1]
         ax_rank.plot(np.arange(1, ranked.size + 1), ranked, linewidth=1.3, **kw)
     if any(s.info["base"] for s in series):
-        ax.plot([], [], linestyle="none", marker="o", color="grey", markerfacecolor="white",
-                label="kept at the base LR (guard)")
+        ax.plot(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            color="grey",
+            markerfacecolor="white",
+            label="kept at the base LR (guard)",
+        )
     for a in (ax, ax_rank):
         a.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         a.set_ylabel("LR multiplier (× base LR)")
@@ -219,25 +277,11 @@ def plot_lr_plans(
 
 # ---------------------------------------------------------------- pruning plans
 
+
 def read_prune_plan(source: Any, label: str = "prune plan") -> dict[str, Any]:
-    """An ``htsr.prune-plan/1`` document (path, ``-`` or dict), checked for what is drawn."""
-    if isinstance(source, Mapping):
-        doc = dict(source)
-    else:
-        doc, label = read_json(source)
-    check_schema(doc, PRUNE_PLAN_SCHEMA, label)
-    require(doc, ("method", "layers"), label)
-    if not isinstance(doc["layers"], list) or not doc["layers"]:
-        raise InputError(f"{label}: 'layers' must be a non-empty list")
-    for i, row in enumerate(doc["layers"]):
-        if not isinstance(row, dict):
-            raise InputError(f"{label} layers[{i}] is not an object")
-        require(row, ("name", "ratio"), f"{label} layers[{i}]")
-        r = finite(row["ratio"])
-        if not 0.0 <= r <= 1.0:
-            raise InputError(f"{label} layers[{i}] ({row['name']}): ratio must be in [0, 1], "
-                             f"got {row['ratio']!r}")
-    return doc
+    """An ``htsr.prune-plan/1`` document (path, ``-`` or dict), read by the one plan reader
+    (:func:`htsr_cli.prune.plan.read_plan`)."""
+    return read_plan(source, label)[0]
 
 
 def plan_sparsity(doc: Mapping[str, Any]) -> float:
@@ -281,20 +325,29 @@ def plot_prune_plans(
     levels = sorted({round(s, 3) for s in sparsities if math.isfinite(s)})
     by_level = len(levels) > 1 and len(set(methods)) > 1 and not labels
     sp_text = [f"{s:.0%} sparsity" if math.isfinite(s) else "sparsity ?" for s in sparsities]
-    defaults = methods if by_level else [f"{m}, {t}" for m, t in zip(methods, sp_text,
-                                                                      strict=True)]
+    defaults = methods if by_level else [f"{m}, {t}" for m, t in zip(methods, sp_text, strict=True)]
     if by_level:  # a method's plans share one legend entry, one colour across the panels
         names = methods
     else:
-        names = series_labels(defaults, [f"{d} [{f}]" for d, f in
-                                         zip(defaults, _file_labels(plans), strict=True)],
-                              labels, "prune plans")
+        names = series_labels(
+            defaults,
+            [f"{d} [{f}]" for d, f in zip(defaults, _file_labels(plans), strict=True)],
+            labels,
+            "prune plans",
+        )
     order = union_order([[str(r["name"]) for r in d["layers"]] for d in docs])
     series = []
     for lab, d, sp, m in zip(names, docs, sparsities, methods, strict=True):
         ns = [str(r["name"]) for r in d["layers"]]
-        series.append(LayerSeries(lab, ns, np.array([finite(r["ratio"]) for r in d["layers"]]),
-                                  _positions(ns, order), {"sparsity": sp, "method": m}))
+        series.append(
+            LayerSeries(
+                lab,
+                ns,
+                np.array(list(plan_ratios(d).values())),
+                _positions(ns, order),
+                {"sparsity": sp, "method": m},
+            )
+        )
 
     panels = levels if by_level else [None]
     width = layer_figure_width(len(order))
@@ -306,8 +359,15 @@ def plot_prune_plans(
             if level is not None and round(s.info["sparsity"], 3) != level:
                 continue
             c = method_colour[s.info["method"]] if by_level else i
-            ax.plot(s.positions, s.values, color=colour(c), marker=marker(c), markersize=4.5,
-                    linewidth=1.3, label=s.label)
+            ax.plot(
+                s.positions,
+                s.values,
+                color=colour(c),
+                marker=marker(c),
+                markersize=4.5,
+                linewidth=1.3,
+                label=s.label,
+            )
             if math.isfinite(s.info["sparsity"]):
                 ax.axhline(s.info["sparsity"], color=colour(c), linestyle=":", linewidth=1)
         ax.set_ylim(-0.02, 1.02)
@@ -329,6 +389,15 @@ def plot_prune_plans(
     return LayerPlot(Path(output), order, series)
 
 
-__all__ = ["LayerPlot", "LayerSeries", "PRUNE_PLAN_SCHEMA", "abbreviate", "plan_method",
-           "plan_sparsity", "plot_lr_plans", "plot_metrics", "plot_prune_plans",
-           "read_analysis", "read_prune_plan"]
+__all__ = [
+    "LayerPlot",
+    "LayerSeries",
+    "abbreviate",
+    "plan_method",
+    "plan_sparsity",
+    "plot_lr_plans",
+    "plot_metrics",
+    "plot_prune_plans",
+    "read_analysis",
+    "read_prune_plan",
+]

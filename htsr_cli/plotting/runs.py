@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..plans import finite, require
-from ..run_dir import FINAL, HISTORY, RunDir
-from .common import (
+from htsr_cli.errors import InputError
+from htsr_cli.finetune.run_dir import FINAL, HISTORY, RunDir
+from htsr_cli.io.documents import finite, require
+from htsr_cli.plotting.common import (
     DEFAULT_DPI,
     DEPTH_CMAP,
     LINESTYLES,
@@ -79,8 +79,12 @@ def _series(rows: list[dict[str, Any]], key: str) -> dict[str, np.ndarray]:
     for r in rows:
         if isinstance(r.get(key), dict):
             names.update(dict.fromkeys(r[key]))
-    return {n: np.array([finite(r[key].get(n)) if isinstance(r.get(key), dict) else math.nan
-                         for r in rows]) for n in names}
+    return {
+        n: np.array(
+            [finite(r[key].get(n)) if isinstance(r.get(key), dict) else math.nan for r in rows]
+        )
+        for n in names
+    }
 
 
 def read_history(run_dir: str | os.PathLike, label: str | None = None) -> RunHistory:
@@ -99,18 +103,27 @@ def read_history(run_dir: str | os.PathLike, label: str | None = None) -> RunHis
     final = read_final(d, required=False)
     metric_names = [str(r["metric_name"]) for r in rows if r.get("metric_name")]
     return RunHistory(
-        path=d, label=label or str((final or {}).get("label") or d.name),
+        path=d,
+        label=label or str((final or {}).get("label") or d.name),
         epochs=np.array(sorted(by_epoch)),
         **{k: np.array([finite(r[k]) for r in rows]) for k in _EPOCH_FIELDS[1:]},
-        lr=_series(rows, "lr"), metric_name=metric_names[-1] if metric_names else None,
-        metric=_series(rows, "metric"), final=final)
+        lr=_series(rows, "lr"),
+        metric_name=metric_names[-1] if metric_names else None,
+        metric=_series(rows, "metric"),
+        final=final,
+    )
 
 
-def _run_labels(runs: list[RunHistory] | list[dict[str, Any]], dirs: Sequence[Any],
-                given: Sequence[str] | None) -> list[str]:
+def _run_labels(
+    runs: list[RunHistory] | list[dict[str, Any]], dirs: Sequence[Any], given: Sequence[str] | None
+) -> list[str]:
     fallback = path_labels(dirs)
-    preferred = [str((r.final or {}).get("label") or f) if isinstance(r, RunHistory)
-                 else str(r.get("label") or f) for r, f in zip(runs, fallback, strict=True)]
+    preferred = [
+        str((r.final or {}).get("label") or f)
+        if isinstance(r, RunHistory)
+        else str(r.get("label") or f)
+        for r, f in zip(runs, fallback, strict=True)
+    ]
     return series_labels(preferred, fallback, given, "run directories")
 
 
@@ -123,8 +136,9 @@ class HistoryPlot:
     notes: list[str] = field(default_factory=list)
 
 
-def _per_layer(ax: Any, runs: list[RunHistory], attr: str, layers: list[str], fig: Any,
-               ylabel: str) -> None:
+def _per_layer(
+    ax: Any, runs: list[RunHistory], attr: str, layers: list[str], fig: Any, ylabel: str
+) -> None:
     """Layer curves across epochs: coloured by depth for one run; for several runs thin
     layer lines plus a thick mean in each run's colour."""
     if len(runs) == 1:
@@ -139,8 +153,9 @@ def _per_layer(ax: Any, runs: list[RunHistory], attr: str, layers: list[str], fi
             if n in data:
                 ax.plot(run.epochs, data[n], color=cmap(norm(i)), linewidth=1.1)
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.01)
-        ticks = sorted({0, len(layers) - 1} | ({(len(layers) - 1) // 2} if len(layers) > 2
-                                                else set()))
+        ticks = sorted(
+            {0, len(layers) - 1} | ({(len(layers) - 1) // 2} if len(layers) > 2 else set())
+        )
         bar.set_ticks(ticks, labels=[abbreviate(layers)[t] for t in ticks], fontsize=7)
         bar.set_label("layer (first → last)", fontsize=8)
     else:
@@ -154,16 +169,33 @@ def _per_layer(ax: Any, runs: list[RunHistory], attr: str, layers: list[str], fi
             if curves:
                 with np.errstate(all="ignore"):
                     mean = np.nanmean(np.vstack(curves), axis=0)
-                ax.plot(run.epochs, mean, color=colour(i), linewidth=2.4, marker=marker(i),
-                        markersize=4)
-        ax.text(0.99, 0.98, "thin: layers, thick: mean", transform=ax.transAxes, ha="right",
-                va="top", fontsize=7, color="#555555")
+                ax.plot(
+                    run.epochs, mean, color=colour(i), linewidth=2.4, marker=marker(i), markersize=4
+                )
+        ax.text(
+            0.99,
+            0.98,
+            "thin: layers, thick: mean",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=7,
+            color="#555555",
+        )
     ax.set_ylabel(ylabel)
 
 
 def _empty(ax: Any, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9,
-            color="#555555")
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=9,
+        color="#555555",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -218,8 +250,9 @@ def plot_history(
         ax_loss.set_title("loss", fontsize=10)
         ax_acc.set_title("accuracy", fontsize=10)
         if any(r.metric for r in runs) and chosen:
-            _per_layer(ax_m, runs, "metric", [n for n in chosen if n in all_layers], fig,
-                       metric_name)
+            _per_layer(
+                ax_m, runs, "metric", [n for n in chosen if n in all_layers], fig, metric_name
+            )
             ax_m.set_title(f"{metric_name} per layer across epochs", fontsize=10)
         else:
             _empty(ax_m, "no per-layer metric in history.jsonl")
@@ -229,8 +262,13 @@ def plot_history(
         else:
             for i, run in enumerate(runs):
                 if "base" in run.lr:
-                    ax_lr.plot(run.epochs, run.lr["base"], color=colour(i), marker=marker(i),
-                               markersize=3.5)
+                    ax_lr.plot(
+                        run.epochs,
+                        run.lr["base"],
+                        color=colour(i),
+                        marker=marker(i),
+                        markersize=3.5,
+                    )
             ax_lr.set_ylabel("learning rate (base group)")
         ax_lr.set_title("learning rate per layer across epochs", fontsize=10)
         for ax in (ax_loss, ax_acc, ax_m, ax_lr):
@@ -240,23 +278,30 @@ def plot_history(
                 ax.xaxis.get_major_locator().set_params(integer=True)
         from matplotlib.lines import Line2D
 
-        handles = [Line2D([], [], color=colour(i), marker=marker(i), label=r.label)
-                   for i, r in enumerate(runs)]
-        handles += [Line2D([], [], color="grey", linestyle=LINESTYLES[1], label="train"),
-                    Line2D([], [], color="grey", linestyle=LINESTYLES[0], label="test")]
+        handles = [
+            Line2D([], [], color=colour(i), marker=marker(i), label=r.label)
+            for i, r in enumerate(runs)
+        ]
+        handles += [
+            Line2D([], [], color="grey", linestyle=LINESTYLES[1], label="train"),
+            Line2D([], [], color="grey", linestyle=LINESTYLES[0], label="test"),
+        ]
         outside_legend(fig, handles, [h.get_label() for h in handles])
     save(fig, output, fmt, dpi)
     return HistoryPlot(Path(output), runs, chosen, notes)
 
 
-def _per_layer_grid(runs: list[RunHistory], layers: list[str], metric_name: str,
-                    max_layers: int, notes: list[str]) -> Any:
+def _per_layer_grid(
+    runs: list[RunHistory], layers: list[str], metric_name: str, max_layers: int, notes: list[str]
+) -> Any:
     if not any(r.metric for r in runs):
-        raise InputError("--per-layer needs a per-layer metric in history.jsonl; none of the "
-                         "runs recorded one")
+        raise InputError(
+            "--per-layer needs a per-layer metric in history.jsonl; none of the runs recorded one"
+        )
     if len(layers) > max_layers:
-        notes.append(f"showing the first {max_layers} of {len(layers)} layers "
-                     "(see --max-layers, --layer)")
+        notes.append(
+            f"showing the first {max_layers} of {len(layers)} layers (see --max-layers, --layer)"
+        )
         del layers[max_layers:]
     ncols = min(4, len(layers))
     nrows = math.ceil(len(layers) / ncols)
@@ -265,15 +310,22 @@ def _per_layer_grid(runs: list[RunHistory], layers: list[str], metric_name: str,
     for ax, name in zip(axes, layers, strict=False):
         for i, run in enumerate(runs):
             if name in run.metric:
-                ax.plot(run.epochs, run.metric[name], color=colour(i), marker=marker(i),
-                        markersize=3, linewidth=1.3, label=run.label)
+                ax.plot(
+                    run.epochs,
+                    run.metric[name],
+                    color=colour(i),
+                    marker=marker(i),
+                    markersize=3,
+                    linewidth=1.3,
+                    label=run.label,
+                )
         ax.set_title(shorten(name, 36), fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes[len(layers):]:
+    for ax in axes[len(layers) :]:
         ax.set_visible(False)
-    for ax in axes[(nrows - 1) * ncols:]:
+    for ax in axes[(nrows - 1) * ncols :]:
         ax.set_xlabel("epoch", fontsize=8)
     for ax in axes[::ncols]:
         ax.set_ylabel(metric_name, fontsize=8)
@@ -284,6 +336,7 @@ def _per_layer_grid(runs: list[RunHistory], layers: list[str], metric_name: str,
 
 
 # ---------------------------------------------------------------- tradeoff
+
 
 @dataclass
 class TradeoffLine:
@@ -324,10 +377,13 @@ def plot_tradeoff(
         acc_key = "best_test_acc" if best and "best_test_acc" in doc else "test_acc"
         params, total, acc = (finite(doc[k]) for k in ("params", "params_total", acc_key))
         if not (params > 0 and total > 0 and 0 <= acc <= 1):
-            raise InputError(f"{Path(d) / 'final.json'}: params, params_total must be positive "
-                             f"and {acc_key} a fraction in [0, 1]")
-        finals.append((Path(d), str(doc["method"]), str(doc.get("lr_mode") or ""), params,
-                       total, acc))
+            raise InputError(
+                f"{Path(d) / 'final.json'}: params, params_total must be positive "
+                f"and {acc_key} a fraction in [0, 1]"
+            )
+        finals.append(
+            (Path(d), str(doc["method"]), str(doc.get("lr_mode") or ""), params, total, acc)
+        )
     modes: dict[str, set[str]] = {}
     for _, m, lr_mode, *_ in finals:
         modes.setdefault(m, set()).add(lr_mode)
@@ -338,8 +394,14 @@ def plot_tradeoff(
     lines = []
     for key, pts in groups.items():
         pts.sort(key=lambda t: t[1])
-        lines.append(TradeoffLine(key, np.array([p for _, p, _ in pts]),
-                                  np.array([100 * a for *_, a in pts]), [d for d, *_ in pts]))
+        lines.append(
+            TradeoffLine(
+                key,
+                np.array([p for _, p, _ in pts]),
+                np.array([100 * a for *_, a in pts]),
+                [d for d, *_ in pts],
+            )
+        )
     dense = int(max(t[4] for t in finals))
 
     from matplotlib.ticker import EngFormatter
@@ -347,13 +409,21 @@ def plot_tradeoff(
     fig = new_figure(7.5, 5.0)
     ax = fig.subplots()
     for i, line in enumerate(lines):
-        ax.plot(line.params, line.accuracy, color=colour(i), marker=marker(i), markersize=6,
-                linewidth=1.6, label=line.method)
+        ax.plot(
+            line.params,
+            line.accuracy,
+            color=colour(i),
+            marker=marker(i),
+            markersize=6,
+            linewidth=1.6,
+            label=line.method,
+        )
     ax.xaxis.set_major_formatter(EngFormatter(places=0 if dense >= 1000 else 1, sep=""))
     ax.set_xlabel("parameters remaining (nonzero)")
     ax.set_ylabel("test accuracy (%)" + (", best epoch" if best else ", final"))
-    top = ax.secondary_xaxis("top", functions=(lambda p: 100 * p / dense,
-                                                lambda q: q * dense / 100))
+    top = ax.secondary_xaxis(
+        "top", functions=(lambda p: 100 * p / dense, lambda q: q * dense / 100)
+    )
     top.set_xlabel(f"% of the dense model ({dense:,} parameters)", fontsize=8)
     ax.set_title("accuracy vs parameters remaining", fontsize=10)
     ax.grid(alpha=0.3)

@@ -1,0 +1,217 @@
+"""The power-law fit of an ESD tail: alpha, xmin, D and friends (reference section 2).
+
+One implementation serves every fit mode. It runs in torch on whatever device the eigenvalues
+live on, so the CUDA path is the CPU path.
+
+For sorted eigenvalues ``x_0 <= ... <= x_{n-1}`` and a candidate ``xmin = x_i`` with tail size
+``n_i = n - i``, the continuous MLE is ``alpha_i = 1 + n_i / sum_{j>=i} ln(x_j / x_i)`` and the
+Kolmogorov-Smirnov distance is ``D_i = max_k |1 - (x_{i+k}/x_i)^(1-alpha_i) - k/n_i|``
+(``D_i = 1`` where ``alpha_i <= 1``). All ``alpha_i`` come from one reverse cumulative sum; the
+``D_i`` are evaluated in blocks so memory stays bounded for pooled conv spectra.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+FIT_MODES = ("ww", "median", "peak", "clip-xmax")
+
+#: WeightWatcher 0.7.7 switches to its small-sample estimator below this many eigenvalues.
+SMALL_N_CUTOFF = 20
+_SMALL_N_MIN_TAIL = 8
+# clip-xmax: WeightWatcher's max_fingers=10 (k = 2..9) and finger_thresh=1.0, min_alpha=2.
+_CLIP_KS = range(2, 10)
+_CLIP_THRESH = 1.0
+_CLIP_MIN_ALPHA = 2.0
+# Elements per block of the D scan: bounded memory whatever the spectrum size.
+_BLOCK_ELEMS = 1 << 22
+
+
+@dataclass
+class PowerLawFit:
+    """Result of a fit. A failed fit has NaN numbers and ``status == "failed"``."""
+
+    alpha: float = math.nan
+    xmin: float = math.nan
+    xmax: float = math.nan
+    D: float = math.nan
+    sigma: float = math.nan
+    num_pl_spikes: int = 0
+    status: str = "failed"
+    reason: str = ""
+    extra: dict = field(default_factory=dict)  # clip-xmax: num_fingers, raw_alpha
+
+
+def _alphas(logx: torch.Tensor, small_n: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLE alpha_i and the log-sum S_i = sum_{j>=i} ln(x_j/x_i) for every i in 0..n-2."""
+    n = logx.numel()
+    tail_sum = torch.flip(torch.cumsum(torch.flip(logx, (0,)), 0), (0,))[:-1]
+    n_i = torch.arange(n, 1, -1, dtype=logx.dtype, device=logx.device)
+    s = tail_sum - n_i * logx[:-1]
+    num = n_i - 1 if small_n else n_i
+    with torch.no_grad():
+        alpha = 1 + num / s
+    # A tail whose log-spread is at rounding level (all eigenvalues equal) has no exponent.
+    alpha = torch.where(s > 1e-9 * n_i, alpha, torch.full_like(alpha, math.inf))
+    return alpha, s
+
+
+def _ks_distances(
+    x: torch.Tensor, logx: torch.Tensor, alpha: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
+    """D_i for the candidate indices ``idx`` (ascending, any subset of 0..n-2).
+
+    With ``k = j - i``: ``|1 - (x_j/x_i)^(1-a) - k/n_i| = |(1 + i/n_i) - j/n_i - e_ij|`` with
+    ``e_ij = exp((1-a)(ln x_j - ln x_i))``. A block of candidates starting at ``i0`` only needs
+    the columns ``j >= i0``, and only its first columns hold ``j < i`` entries to mask.
+    """
+    n = x.numel()
+    out = torch.ones(idx.numel(), dtype=x.dtype, device=x.device)
+    if idx.numel() == 0:
+        return out
+    j_all = torch.arange(n, dtype=x.dtype, device=x.device)
+    block = max(1, _BLOCK_ELEMS // n)
+    for start in range(0, idx.numel(), block):
+        ii = idx[start : start + block]
+        i0 = int(ii[0])
+        a = alpha[ii]
+        inv_n = 1.0 / (n - ii).to(x.dtype)
+        e = (logx[None, i0:] - logx[ii][:, None]).mul_((1 - a)[:, None]).exp_()
+        dev = torch.addcmul(
+            (1 + ii.to(x.dtype) * inv_n)[:, None], j_all[None, i0:], inv_n[:, None], value=-1.0
+        )
+        dev.sub_(e).abs_()
+        width = min(int(ii[-1]) - i0, dev.shape[1])
+        if width > 0:  # entries with j < i are not part of candidate i's tail
+            below = j_all[None, i0 : i0 + width] < ii.to(x.dtype)[:, None]
+            dev[:, :width].masked_fill_(below, 0.0)
+        d = dev.amax(dim=1)
+        out[start : start + block] = torch.where(torch.isfinite(a) & (a > 1), d, torch.ones_like(d))
+    return out
+
+
+def _result(
+    x: torch.Tensor,
+    i: int,
+    alpha: float,
+    D: float,
+    all_evals: torch.Tensor,
+    xmax: float | None = None,
+) -> PowerLawFit:
+    n_i = x.numel() - i
+    if not math.isfinite(alpha):
+        return PowerLawFit(reason="degenerate spectrum: the tail eigenvalues are all equal")
+    xmin = float(x[i])
+    return PowerLawFit(
+        alpha=alpha,
+        xmin=xmin,
+        xmax=float(x[-1]) if xmax is None else xmax,
+        D=D,
+        sigma=(alpha - 1) / math.sqrt(n_i),
+        num_pl_spikes=int((all_evals >= xmin).sum()),
+        status="success",
+    )
+
+
+def _fit_scan(
+    x: torch.Tensor, all_evals: torch.Tensor, candidates: torch.Tensor | None = None
+) -> PowerLawFit:
+    """argmin-D scan (WeightWatcher's default), optionally over a subset of candidates."""
+    n = x.numel()
+    logx = torch.log(x)
+    small = n < SMALL_N_CUTOFF
+    alpha, s = _alphas(logx, small)
+    idx = torch.arange(n - 1, device=x.device) if candidates is None else candidates
+    if idx.numel() == 0:
+        return PowerLawFit(reason="no candidate xmin in the search window")
+    D = _ks_distances(x, logx, alpha, idx)
+    if small:
+        # WeightWatcher 0.7.7's small-sample path: bias-corrected alpha, tails of at least 8
+        # and a positive log-sum; with no such tail, the whole spectrum. Its code also computes
+        # J = D - 0.868/sqrt(n_i), but WWFit.__init__ then re-selects by argmin D, which is what
+        # its users see, so that is what we reproduce (docs/engine.md).
+        n_i = (n - idx).to(x.dtype)
+        ok = (n_i >= _SMALL_N_MIN_TAIL) & (s[idx] > 1e-12) & (alpha[idx] > 1)
+        if not bool(ok.any()):
+            if float(s[0]) <= 1e-12:
+                return PowerLawFit(reason="degenerate spectrum: the eigenvalues are all equal")
+            ok = idx == int(idx[0])
+        D = torch.where(ok, D, torch.ones_like(D))
+    best = int(torch.argmin(D))
+    i = int(idx[best])
+    return _result(x, i, float(alpha[i]), float(D[best]), all_evals)
+
+
+def _fit_median(x: torch.Tensor, all_evals: torch.Tensor) -> PowerLawFit:
+    """TempBalance/AlphaPruning ``xmin_mid``: xmin = x[n // 2], no scan."""
+    n = x.numel()
+    i = min(n // 2, n - 2)
+    logx = torch.log(x)
+    alpha, _ = _alphas(logx, small_n=False)
+    idx = torch.tensor([i], device=x.device)
+    D = float(_ks_distances(x, logx, alpha, idx)[0])
+    return _result(x, i, float(alpha[i]), D, all_evals)
+
+
+def _fit_peak(x: torch.Tensor, all_evals: torch.Tensor) -> PowerLawFit:
+    """``xmin_peak``: scan only xmin in [0.95 p, 1.5 p], p the left edge of the peak bin of a
+    100-bin histogram of log10(lambda). Both bounds are compared in linear units (the reference
+    tools compare a log10 lower bound with linear eigenvalues, which disables it)."""
+    logx10 = torch.log10(x).cpu()
+    counts = torch.histc(logx10, bins=100, min=float(logx10[0]), max=float(logx10[-1]))
+    width = (float(logx10[-1]) - float(logx10[0])) / 100
+    p = 10 ** (float(logx10[0]) + width * int(torch.argmax(counts)))
+    cand = torch.nonzero((x[:-1] >= 0.95 * p) & (x[:-1] <= 1.5 * p)).reshape(-1)
+    return _fit_scan(x, all_evals, cand)
+
+
+def _fit_clip_xmax(x: torch.Tensor, all_evals: torch.Tensor) -> PowerLawFit:
+    """WeightWatcher ``fix_fingers='clip_xmax'``: refit without the top k = 2..9 eigenvalues;
+    take the first clipped fit whose alpha is more than 1.0 below the raw one, stop early when a
+    clipped alpha is <= 2. ``num_fingers`` is the number of eigenvalues clipped (WeightWatcher
+    reports k - 1)."""
+    raw = _fit_scan(x, all_evals)
+    best, fingers = raw, 0
+    if raw.status == "success":
+        for k in _CLIP_KS:
+            if x.numel() - k < 2:
+                break
+            fit = _fit_scan(x[:-k], all_evals)
+            if fit.status != "success":
+                break
+            if fit.alpha + _CLIP_THRESH < raw.alpha:
+                best, fingers = fit, k
+                break
+            if fit.alpha <= _CLIP_MIN_ALPHA:
+                break
+    best.extra = {"num_fingers": fingers, "raw_alpha": raw.alpha}
+    return best
+
+
+def fit_power_law(evals: torch.Tensor, mode: str = "ww", thresh: float = 1e-5) -> PowerLawFit:
+    """Fit a power law to the tail of an ESD.
+
+    Args:
+        evals: eigenvalues, ascending, float64 (any device). Only ``evals > thresh`` are fitted;
+            ``num_pl_spikes`` counts all of ``evals`` at or above xmin.
+        mode: ``ww`` (argmin-D scan), ``median``, ``peak`` or ``clip-xmax``.
+        thresh: WeightWatcher's ``EVALS_THRESH``.
+
+    Returns:
+        A :class:`PowerLawFit`; never raises for a bad spectrum (it reports ``failed``).
+    """
+    if mode not in FIT_MODES:
+        raise ValueError(f"unknown fit mode {mode!r}")
+    x = evals[evals > thresh]
+    if x.numel() < 2:
+        return PowerLawFit(reason=f"{x.numel()} eigenvalue(s) above {thresh:g}: nothing to fit")
+    if mode == "ww":
+        return _fit_scan(x, evals)
+    if mode == "median":
+        return _fit_median(x, evals)
+    if mode == "peak":
+        return _fit_peak(x, evals)
+    return _fit_clip_xmax(x, evals)

@@ -1,0 +1,171 @@
+"""Writing outputs: atomically for files, directly for stdout and special files.
+
+A regular file is written to a temporary file beside it and renamed into place only when the
+whole document is written, so a failed or interrupted run never leaves a half-written output.
+A non-regular target that already exists (``/dev/stdout``, ``/dev/null``, a FIFO) is written
+directly and never replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from htsr_cli.errors import InputError, PipeClosed
+
+
+def _is_special(path: Path) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode) and not path.is_dir()
+    except FileNotFoundError:
+        return False
+
+
+#: Files a checkpoint directory is read from (htsr_cli.io.checkpoint): never an output there.
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".index.json")
+
+
+def _is_input(out: Path, inputs: Iterable[Any]) -> bool:
+    target = os.path.realpath(out)
+    for given in inputs:
+        if not isinstance(given, str | os.PathLike) or str(given) == "-":
+            continue  # in-memory sources and stdin are not files
+        src = os.path.realpath(given)
+        if target == src:
+            return True
+        if (
+            os.path.isdir(src)
+            and os.path.dirname(target) == src
+            and out.name.endswith(_CHECKPOINT_SUFFIXES)
+        ):
+            return True
+    return False
+
+
+def check_writable(path: str | os.PathLike | None, inputs: Iterable[Any] = ()) -> None:
+    """Fail early (before any work) when ``-o PATH`` cannot be written, or would replace one
+    of ``inputs`` (input files, or checkpoint files in an input directory): htsr never
+    modifies its input."""
+    if path is None or str(path) == "-":
+        return
+    p = Path(path)
+    if _is_input(p, inputs):
+        raise InputError(f"-o {path} is an input file; htsr never overwrites its input")
+    if p.is_dir():
+        raise InputError(f"cannot write {p}: it is a directory")
+    if _is_special(p):
+        if not os.access(p, os.W_OK):
+            raise InputError(f"cannot write {p}: permission denied")
+        return
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise InputError(f"cannot write {p}: permission denied")
+
+
+@contextlib.contextmanager
+def open_output(path: str | os.PathLike | None, mode: str = "w") -> Iterator[TextIO]:
+    """Open an output for writing: stdout for None or ``-``, else atomically.
+
+    On an exception inside the block the temporary file is removed and the target is left as
+    it was.
+    """
+    if path is None or str(path) == "-":
+        try:
+            yield sys.stdout.buffer if "b" in mode else sys.stdout  # type: ignore[misc]
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise PipeClosed() from None
+        return
+    p = Path(path)
+    check_writable(p)
+    if _is_special(p):
+        with open(p, mode) as fh:
+            yield fh
+        return
+    with atomic_path(p) as tmp, open(tmp, mode) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside ``path``, renamed onto it when the block succeeds (keeping the
+    target's permissions) and removed when it fails: the one atomic-write body, used by
+    :func:`open_output` and by writers that need a file name (matplotlib)."""
+    p = Path(path)
+    check_writable(p)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, stat.S_IMODE(os.stat(p).st_mode) if p.exists() else 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def jsonable(obj: Any) -> Any:
+    """Deep copy with NaN/inf turned into None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def dump_json(doc: Mapping[str, Any], fh: TextIO) -> None:
+    """A JSON document (NaN as null, indented, one trailing newline) to an open file: the
+    one format of every JSON document htsr writes."""
+    json.dump(jsonable(doc), fh, indent=2, allow_nan=False)
+    fh.write("\n")
+
+
+def write_json(doc: Mapping[str, Any], path: str | os.PathLike | None) -> None:
+    """Write a JSON document to ``path`` atomically, or to stdout (see :func:`dump_json`)."""
+    with open_output(path) as fh:
+        dump_json(doc, fh)
+
+
+_EXT_FORMATS = {
+    ".json": "json",
+    ".csv": "csv",
+    ".ndjson": "ndjson",
+    ".jsonl": "ndjson",
+    ".txt": "table",
+}
+
+
+def choose_format(
+    fmt: str | None, output: str | os.PathLike | None, stdout_is_tty: bool, allowed: tuple[str, ...]
+) -> str:
+    """The output format of a command: ``--format`` if given; else from the ``-o`` extension
+    (JSON when unknown); else a table on a terminal and JSON in a pipe."""
+    if fmt is not None:
+        if fmt not in allowed:
+            raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(allowed)}")
+        return fmt
+    if output is not None and str(output) != "-":
+        guess = _EXT_FORMATS.get(Path(output).suffix.lower(), "json")
+        return guess if guess in allowed else "json"
+    return "table" if stdout_is_tty else "json"
