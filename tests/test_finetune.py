@@ -243,6 +243,7 @@ def test_global_lr_from_the_command_line(work: Path, pruned: dict[str, Path]) ->
     assert "epoch 1/1" in proc.stderr and doc["test_acc"] > 5 * CHANCE
 
 
+@pytest.mark.slow
 def test_densenet40_four_settings(tmp_path: Path) -> None:
     """Thesis section 3.4: uniform or alpha pruning, global or layerwise LR."""
     dense = tmp_path / "dense"
@@ -300,6 +301,7 @@ def masked_run(output: Path, init: Path, **kw: Any) -> FinetuneConfig:
     )
 
 
+@pytest.mark.slow
 def test_exact_resume(work: Path, pruned: dict[str, Path]) -> None:
     init = pruned["magnitude"]
     masks = {k: v == 0 for k, v in load_file(init).items() if v.ndim >= 2 and (v == 0).any()}
@@ -326,6 +328,7 @@ def test_exact_resume(work: Path, pruned: dict[str, Path]) -> None:
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_resumable_run(work: Path, pruned: dict[str, Path]) -> None:
     run = work / "interrupted"
     cmd = [
@@ -380,6 +383,7 @@ def test_ctrl_c_leaves_a_resumable_run(work: Path, pruned: dict[str, Path]) -> N
 # DDP
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(work: Path) -> None:
     run = work / "ddp"
     proc = subprocess.run(
