@@ -199,13 +199,7 @@ def prune(
     """
     from htsr_cli.prune.apply import Context, run_structured, run_unstructured
 
-    if structured and unstructured:
-        raise InputError("choose one of --structured and --unstructured")
-    if plan is not None:
-        if method not in (None, "plan"):
-            raise InputError("--plan reuses a plan's budgets; it cannot be combined with --method")
-        method = "plan"
-    method = method or "metric"
+    method, plan_doc, plan_label = _method_and_plan(method, plan, structured, unstructured)
     _check_options(
         method,
         metric,
@@ -218,11 +212,8 @@ def prune(
         importance,
         analyze_options,
     )
-    plan_doc = None
-    if plan is not None:
-        plan_doc, plan_label = read_plan(plan)
-        if sparsity is None and keep_params is None:
-            sparsity = float(plan_doc["target"]["sparsity"])  # read_plan checked it
+    if plan_doc is not None and sparsity is None and keep_params is None:
+        sparsity = float(plan_doc["target"]["sparsity"])  # read_plan checked it
     _check_target(sparsity, keep_params)
     document = is_analysis_document(source)
     if document and analysis is not None:
@@ -244,45 +235,19 @@ def prune(
         _check_output(output, source, document, ctx.input_files())
         if ctx.mode_needs_arch(structured):
             raise InputError("--structured needs --arch (the architecture to rebuild and prune)")
+        # 1. Which layers: every layer, the classifier, the prunable ones and the target.
         all_layers = ctx.layers(structured)
         names = {x.name for x in all_layers}
         classifier = ctx.classifier(structured, all_layers)
         prunable, notes = select(all_layers, classifier, exclude, prune_embeddings)
         total = sum(x.numel for x in prunable)
         removed, requested = _target(total, sparsity, keep_params)
+        # 2. The metric of each layer (metric method), then each layer's budget.
         rows = None
         if method == "metric":
-            if document:
-                rows = _analysis_rows(ctx.doc, names, ctx.label)
-            elif analysis is not None:
-                adoc, alabel = read_analysis(analysis)
-                rows = _analysis_rows(adoc, names, alabel or "analysis")
-            else:
-                rows = (
-                    _analysis_rows(
-                        _analyze(
-                            ctx.checkpoint_source(),
-                            metric,
-                            prunable,
-                            trust_pickle,
-                            analyze_options,
-                            on_progress,
-                        ),
-                        names,
-                        "analysis",
-                    )
-                    if prunable
-                    else {}
-                )
-        budgets_by_plan = None
-        if plan_doc is not None:
-            budgets_by_plan = plan_budgets(plan_doc)
-            unknown = [n for n in budgets_by_plan if n not in names]
-            if unknown:
-                raise InputError(
-                    f"{plan_label} layer {unknown[0]!r} is not a layer of the model"
-                    f"{f' (+{len(unknown) - 1} more)' if len(unknown) > 1 else ''}"
-                )
+            rows = _metric_rows(
+                ctx, analysis, metric, prunable, names, trust_pickle, analyze_options, on_progress
+            )
         budgets = method_budgets(
             method,
             prunable,
@@ -294,56 +259,30 @@ def prune(
             mapping=mapping,
             eps=eps,
             min_evals=min_evals,
-            plan=budgets_by_plan,
+            plan=None if plan_doc is None else _reused_budgets(plan_doc, plan_label, names),
             weights=ctx.weight_loader(structured),
         )
-        notes += budgets.notes
-        params: dict[str, Any] = {
-            "max_ratio": max_ratio,
-            "budget_step": budget_step,
-            "classifier": classifier,
-            "exclude": list(exclude),
-            "prune_embeddings": bool(prune_embeddings),
-        }
-        if method == "metric":
-            params.update(
-                more_where=more_where,
-                mapping=mapping,
-                min_evals=min_evals,
-                eps=eps if mapping == "linear" else None,
-            )
-        if plan_doc is not None:
-            params["plan"] = plan_label
-        layer_plans = [
-            LayerPlan(
-                name=x.name,
-                params_before=x.numel,
-                metric_value=v,
-                budget=float(k),
-                params_after=x.numel,
-                note=note,
-            )
-            for x, v, k, note in zip(
-                prunable, budgets.values, budgets.ratios, budgets.layer_notes, strict=True
-            )
-        ]
-        target = {
-            "sparsity": requested,
-            "keep_params": keep_params,
-            "params_before": total,
-            "params_after": total - removed,
-            "removed": removed,
-        }
+        # 3. The plan document, then (with an output) the pruning that fills in "achieved".
+        params = _plan_params(
+            method, max_ratio, budget_step, classifier, exclude, prune_embeddings,
+            more_where, mapping, min_evals, eps, plan_label if plan_doc is not None else None,
+        )  # fmt: skip
         result = PrunePlan(
             source=ctx.source_record(),
             mode="structured" if structured else "unstructured",
             method=method,
             metric=metric if method == "metric" else None,
             params=params,
-            target=target,
+            target={
+                "sparsity": requested,
+                "keep_params": keep_params,
+                "params_before": total,
+                "params_after": total - removed,
+                "removed": removed,
+            },
             achieved={},
-            layers=layer_plans,
-            notes=notes,
+            layers=_layer_plans(prunable, budgets),
+            notes=notes + budgets.notes,
             output=None if output is None else str(output),
         )
         if structured:
@@ -366,6 +305,107 @@ def prune(
         return result
     finally:
         ctx.close()
+
+
+def _method_and_plan(
+    method: str | None, plan: Any, structured: bool, unstructured: bool
+) -> tuple[str, dict[str, Any] | None, str]:
+    """The method (``plan`` when a plan is reused) and the reused plan document with its label."""
+    if structured and unstructured:
+        raise InputError("choose one of --structured and --unstructured")
+    if plan is None:
+        return method or "metric", None, ""
+    if method not in (None, "plan"):
+        raise InputError("--plan reuses a plan's budgets; it cannot be combined with --method")
+    doc, label = read_plan(plan)
+    return "plan", doc, label
+
+
+def _metric_rows(
+    ctx: Any,
+    analysis: Any,
+    metric: str,
+    prunable: Sequence[Layer],
+    names: set[str],
+    trust_pickle: bool,
+    analyze_options: Mapping[str, Any],
+    on_progress: Progress | None,
+) -> dict[str, Mapping[str, Any]]:
+    """The analysis row of each layer: from SOURCE when it is an analysis, else from
+    ``--analysis``, else from an on-the-fly analysis of the prunable layers only."""
+    if ctx.document:
+        return _analysis_rows(ctx.doc, names, ctx.label)
+    if analysis is not None:
+        adoc, alabel = read_analysis(analysis)
+        return _analysis_rows(adoc, names, alabel or "analysis")
+    if not prunable:
+        return {}
+    doc = _analyze(
+        ctx.checkpoint_source(), metric, prunable, trust_pickle, analyze_options, on_progress
+    )
+    return _analysis_rows(doc, names, "analysis")
+
+
+def _reused_budgets(plan_doc: Mapping[str, Any], label: str, names: set[str]) -> dict[str, float]:
+    """``--plan``'s per-layer budgets, every one of them a layer of this model."""
+    budgets = plan_budgets(plan_doc)
+    unknown = [n for n in budgets if n not in names]
+    if unknown:
+        raise InputError(
+            f"{label} layer {unknown[0]!r} is not a layer of the model"
+            f"{f' (+{len(unknown) - 1} more)' if len(unknown) > 1 else ''}"
+        )
+    return budgets
+
+
+def _plan_params(
+    method: str,
+    max_ratio: float,
+    budget_step: float | None,
+    classifier: str | None,
+    exclude: Sequence[str],
+    prune_embeddings: bool,
+    more_where: str,
+    mapping: str,
+    min_evals: int,
+    eps: float,
+    plan_label: str | None,
+) -> dict[str, Any]:
+    """The plan's ``params``: the options that shaped its budgets."""
+    params: dict[str, Any] = {
+        "max_ratio": max_ratio,
+        "budget_step": budget_step,
+        "classifier": classifier,
+        "exclude": list(exclude),
+        "prune_embeddings": bool(prune_embeddings),
+    }
+    if method == "metric":
+        params.update(
+            more_where=more_where,
+            mapping=mapping,
+            min_evals=min_evals,
+            eps=eps if mapping == "linear" else None,
+        )
+    if plan_label is not None:
+        params["plan"] = plan_label
+    return params
+
+
+def _layer_plans(prunable: Sequence[Layer], budgets: Any) -> list[LayerPlan]:
+    """One planned layer per prunable layer (``params_after`` is set when pruning runs)."""
+    return [
+        LayerPlan(
+            name=x.name,
+            params_before=x.numel,
+            metric_value=v,
+            budget=float(k),
+            params_after=x.numel,
+            note=note,
+        )
+        for x, v, k, note in zip(
+            prunable, budgets.values, budgets.ratios, budgets.layer_notes, strict=True
+        )
+    ]
 
 
 __all__ = ["prune", "ANALYZE_OPTIONS"]

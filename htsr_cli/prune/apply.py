@@ -355,16 +355,52 @@ def run_structured(
     output: str | None,
 ) -> None:
     """Channel pruning: one ratio per coupled group, calibrated by real trials."""
-    from htsr_cli.models import count_macs, count_params
-
     model = ctx.base_model()
-    size, traced = ctx.input_size, ctx.trace_size
+    traced = ctx.trace_size
     convs = [n for n, m in model.named_modules() if isinstance(m, _CONV_LINEAR)]
     ignored = [
         n for n in convs if n == classifier or any(fnmatch.fnmatchcase(n, g) for g in exclude)
     ]
     groups = find_groups(model, traced, ignored)
+    gbudget = _group_budgets(result, groups, prunable, importance, budget_step, max_ratio)
+    grads = taylor_gradients(model, traced, data) if importance == "taylor" else None
     names = [x.name for x in prunable]
+
+    def run(ratios: dict[str, float]) -> Trial:
+        return run_trial(
+            model,
+            ratios,
+            importance=importance,
+            input_size=traced,
+            ignored=ignored,
+            layers=names,
+            grads=grads,
+        )
+
+    trial, trials = _search(ctx, result, model, groups, names, gbudget, run, budget_step, max_ratio)
+    assert trial.model is not None
+    _record_layers(result, model, trial, groups, gbudget, importance)
+    _record_achieved(ctx, result, model, trial, trials, budget_step)
+    result.params.update(
+        importance=importance,
+        arch=ctx.arch_name,
+        width=ctx.width or 1.0,
+        num_classes=ctx.num_classes,
+    )
+    result.model = trial.model
+    if output is not None:
+        _save_structured(ctx, result, trial, importance, output)
+
+
+def _group_budgets(
+    result: PrunePlan,
+    groups: Sequence[Any],
+    prunable: Sequence[Layer],
+    importance: str,
+    budget_step: float | None,
+    max_ratio: float,
+) -> dict[str, float]:
+    """Each coupled group's budget from its layers' budgets (stepped with ``budget_step``)."""
     numel = {x.name: x.numel for x in prunable}
     gbudget = group_budgets(groups, {lp.name: lp.budget for lp in result.layers}, numel)
     if importance == "bn-scale":  # Torch-Pruning cannot score a group without a BatchNorm
@@ -379,57 +415,69 @@ def run_structured(
     if budget_step is not None:
         steps = B.step_budgets(np.array(list(gbudget.values())), max_ratio)
         gbudget = dict(zip(gbudget, (float(v) for v in steps), strict=True))
-    grads = taylor_gradients(model, traced, data) if importance == "taylor" else None
-    total, removed = int(result.target["params_before"]), int(result.target["removed"])
+    return gbudget
 
-    def run(ratios: dict[str, float]) -> Trial:
-        return run_trial(
-            model,
-            ratios,
-            importance=importance,
-            input_size=traced,
-            ignored=ignored,
-            layers=names,
-            grads=grads,
-        )
+
+def _search(
+    ctx: Context,
+    result: PrunePlan,
+    model: nn.Module,
+    groups: Sequence[Any],
+    names: list[str],
+    gbudget: dict[str, float],
+    run: Callable[[dict[str, float]], Trial],
+    budget_step: float | None,
+    max_ratio: float,
+) -> tuple[Trial, int]:
+    """The pruned model nearest the target, and the number of trials it took: by parameter
+    arithmetic where it agrees with Torch-Pruning on this model, else by trials."""
+    total, removed = int(result.target["params_before"]), int(result.target["removed"])
+    if removed == 0:
+        return Trial(copy.deepcopy(model), [], {}, total), 0
 
     def on_trial(n: int) -> None:
         ctx.progress(n, None, f"structured trial {n}")
 
-    trials = 0
-    if removed == 0:
-        trial = Trial(copy.deepcopy(model), [], {}, total)
-    else:
-        counter = ParamCounter(model, groups, names)
-
-        def search(counting: ParamCounter | None) -> Any:
-            if budget_step is not None:
-                return stepped_channels(
-                    groups, run, gbudget, budget_step, total - removed, counting, on_trial
-                )
-            return calibrate_channels(
-                groups, run, gbudget, max_ratio, total, total - removed, counting, on_trial
+    def search(counting: ParamCounter | None) -> Any:
+        if budget_step is not None:
+            return stepped_channels(
+                groups, run, gbudget, budget_step, total - removed, counting, on_trial
             )
+        return calibrate_channels(
+            groups, run, gbudget, max_ratio, total, total - removed, counting, on_trial
+        )
 
-        found = search(counter if counter.supported else None)
-        if counter.supported and budget_step is None and not found.close_enough():
-            assert found.best is not None
-            found.best.ratios = refine(counter, found.best.ratios, total - removed, max_ratio)
-            found.best.params_after = counter.count(found.best.ratios)
+    counter = ParamCounter(model, groups, names)
+    found = search(counter if counter.supported else None)
+    if counter.supported and budget_step is None and not found.close_enough():
+        assert found.best is not None
+        found.best.ratios = refine(counter, found.best.ratios, total - removed, max_ratio)
+        found.best.params_after = counter.count(found.best.ratios)
+    trial, trials = found.result(), found.trials
+    if trial.counted is not None and trial.counted != trial.params_after:
+        # The arithmetic disagrees with Torch-Pruning on this model: search by trials.
+        found = search(None)
         trial = found.result()
-        trials = found.trials
-        if trial.counted is not None and trial.counted != trial.params_after:
-            # The arithmetic disagrees with Torch-Pruning on this model: search by trials.
-            found = search(None)
-            trial = found.result()
-            trials += found.trials
-    assert trial.model is not None
+        trials += found.trials
+    return trial, trials
+
+
+def _record_layers(
+    result: PrunePlan,
+    model: nn.Module,
+    trial: Trial,
+    groups: Sequence[Any],
+    gbudget: dict[str, float],
+    importance: str,
+) -> None:
+    """Each planned layer's and group's size after pruning, into the plan."""
     pruned = dict(trial.model.named_modules())
+    before = dict(model.named_modules())
     owner = {m: g.root for g in groups for m in g.members}
     for lp in result.layers:
         w = pruned[lp.name].weight
         lp.params_after = int(w.numel())
-        lp.channels_before = int(dict(model.named_modules())[lp.name].weight.shape[0])
+        lp.channels_before = int(before[lp.name].weight.shape[0])
         lp.channels_after = int(w.shape[0])
         lp.group = owner.get(lp.name)
         if lp.group is None and not lp.note:
@@ -452,14 +500,28 @@ def run_structured(
             f"{len(off)} group(s) kept other channel counts than asked (the "
             f"criterion {importance} cannot score them): {', '.join(off[:3])}"
         )
+
+
+def _record_achieved(
+    ctx: Context,
+    result: PrunePlan,
+    model: nn.Module,
+    trial: Trial,
+    trials: int,
+    budget_step: float | None,
+) -> None:
+    """What the pruning achieved (parameters, MACs, trials) into the plan."""
+    from htsr_cli.models import count_macs, count_params
+
+    total, removed = int(result.target["params_before"]), int(result.target["removed"])
     after = sum(lp.params_after for lp in result.layers)
     result.achieved.update(
         params_before=total,
         params_after=after,
         sparsity=1 - after / total if total else 0.0,
         removed=total - after,
-        macs_before=count_macs(model, size),
-        macs_after=count_macs(trial.model, size),
+        macs_before=count_macs(model, ctx.input_size),
+        macs_after=count_macs(trial.model, ctx.input_size),
         total_params_before=count_params(model),
         total_params_after=count_params(trial.model),
         trials=trials,
@@ -470,15 +532,12 @@ def run_structured(
             f"the per-group budgets stop short of the target: removed "
             f"{total - after} of {removed} parameters (never over-pruned)"
         )
-    result.params.update(
-        importance=importance,
-        arch=ctx.arch_name,
-        width=ctx.width or 1.0,
-        num_classes=ctx.num_classes,
-    )
-    result.model = trial.model
-    if output is None:
-        return
+
+
+def _save_structured(
+    ctx: Context, result: PrunePlan, trial: Trial, importance: str, output: str
+) -> None:
+    """Write the pruned model with its pruning record, after checking that it reloads."""
     history = list((ctx.record or {}).get("history") or []) + trial.history
     _verify_reload(ctx, trial.model, history)
     state = trial.model.state_dict()
@@ -489,8 +548,8 @@ def run_structured(
         num_classes=ctx.num_classes,
         width=ctx.width or 1.0,
         in_channels=ctx.in_channels,
-        input_size=list(size),
-        trace_size=list(traced),
+        input_size=list(ctx.input_size),
+        trace_size=list(ctx.trace_size),
         history=history,
         shapes={k: list(v.shape) for k, v in state.items()},
         importance=importance,
