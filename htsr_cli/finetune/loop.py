@@ -330,103 +330,23 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
     """Run the epochs of ``setup`` (see :func:`htsr_cli.finetune.api.finetune`)."""
-    from htsr_cli.optim import Reallocator
-
-    cfg, model, dev = setup.config, setup.model, setup.device
-    cuda = dev.type == "cuda"
-    model.to(dev)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-    initial_allocation(setup, rank, world)
-    optimizer = build_optimizer(setup)
-    realloc = None
-    if cfg.allocate and rank == 0:
-        realloc = Reallocator(
-            model,
-            optimizer,
-            scheme=cfg.allocate,
-            metric=cfg.metric,
-            every=cfg.reallocate_every,
-            s1=cfg.s1,
-            s2=cfg.s2,
-            seed=cfg.seed,
-            fit=cfg.fit,
-        )
-    params = dict(model.named_parameters())
-    masks = [(params[n], m.to(dev)) for n, m in setup.masks.items()]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, totals = _restore(setup, gen, cuda)
-    if realloc is not None:
-        realloc.count = start  # epochs done: a resumed run re-allocates (and seeds) on schedule
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    cfg = setup.config
+    state = _TrainingState.build(setup, world, rank)
     batches = _Batches(setup, world, rank)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
     bar = _EpochBar(
         rank == 0 and (sys.stderr.isatty() if progress is None else progress), cfg.epochs
     )
-    last = max(start, min(cfg.epochs, stop_after or cfg.epochs))
-    pending_esd = setup.esd_seconds  # the initial allocation counts towards epoch 1
+    last = max(state.start, min(cfg.epochs, stop_after or cfg.epochs))
     undo = _sigterm_as_interrupt()
     try:
-        for epoch in range(start + 1, last + 1):
-            t0 = time.perf_counter()
-            base = scheduled_lr(cfg.lr, epoch, cfg.epochs, cfg.warmup_epochs)
-            lrs = {"base": base}
-            for g in optimizer.param_groups:
-                g["lr"] = base * g["htsr_multiplier"]
-                if g["htsr_layer"] is not None:
-                    lrs[g["htsr_layer"]] = g["lr"]
-            bar.start(epoch, batches.steps, base)
-            train_stats = _train_epoch(
-                net, batches, optimizer, masks, cfg.label_smoothing, gen, autocast, bar
-            )
-            if world > 1:  # evaluate every shard with rank 0's BatchNorm statistics
-                import torch.distributed as dist
-
-                for b in model.buffers():
-                    dist.broadcast(b, src=0)
-            test_stats = _evaluate(model, batches, autocast)
-            t_esd = time.perf_counter()
-            metric = _esd_work(setup, realloc, optimizer, world, rank)
-            esd = time.perf_counter() - t_esd + pending_esd
-            tr_loss, tr_correct, tr_n, te_loss, te_correct, te_n = all_sum(
-                [*train_stats, *test_stats], world
-            )
-            seconds = time.perf_counter() - t0 + pending_esd
-            pending_esd = 0.0
-            if rank != 0:
-                continue
-            record = {
-                "epoch": epoch,
-                "train_loss": tr_loss / tr_n,
-                "train_acc": tr_correct / tr_n,
-                "test_loss": te_loss / te_n,
-                "test_acc": te_correct / te_n,
-                "seconds": seconds,
-                "lr": lrs,
-                "metric_name": cfg.metric,
-                "metric": metric,
-                "esd_seconds": esd,
-            }
-            totals.history.append(record)
-            totals.best = max(totals.best, record["test_acc"])
-            totals.seconds += seconds
-            _save(setup, totals, model, optimizer, gen, epoch, world)
-            bar.line(
-                f"epoch {epoch}/{cfg.epochs}  train loss {record['train_loss']:.4f} acc "
-                f"{record['train_acc']:.4f}  test loss {record['test_loss']:.4f} acc "
-                f"{record['test_acc']:.4f}  lr {base:.4g}  {seconds:.1f} s (esd {esd:.2f} s)"
-            )
-            if on_epoch is not None:
+        for epoch in range(state.start + 1, last + 1):
+            record = _run_epoch(setup, state, batches, bar, epoch, world, rank)
+            if record is not None and on_epoch is not None:
                 on_epoch(record)
     except KeyboardInterrupt:
         bar.close()
         report_interrupt(
-            f"{len(totals.history)} finished epoch(s) saved in {setup.run.path}; "
+            f"{len(state.totals.history)} finished epoch(s) saved in {setup.run.path}; "
             f"continue with: htsr finetune --resume {setup.run.path}",
             silent=rank != 0,
         )
@@ -434,7 +354,144 @@ def train(
     finally:
         undo()
         bar.close()
-    doc = _summary(setup, totals, model, last, world)
+    doc = _summary(setup, state.totals, setup.model, last, world)
     if rank == 0 and last >= cfg.epochs:
         setup.run.write_final(doc)
     return doc
+
+
+@dataclass
+class _TrainingState:
+    """What the epochs share: the optimizer, the re-allocator (rank 0), the masks kept at
+    zero, the random stream, the epochs done and their records, and the network to step."""
+
+    optimizer: torch.optim.Optimizer
+    realloc: Any
+    masks: list[tuple[torch.Tensor, torch.Tensor]]
+    gen: torch.Generator
+    start: int
+    totals: _Totals
+    net: nn.Module
+    autocast: Any
+    pending_esd: float  # the initial allocation's seconds, counted into the first epoch
+
+    @classmethod
+    def build(cls, setup: Setup, world: int, rank: int) -> _TrainingState:
+        """Move the model to its device, make the first plan and the optimizer, and restore
+        a resumed run's state."""
+        from htsr_cli.optim import Reallocator
+
+        cfg, model, dev = setup.config, setup.model, setup.device
+        cuda = dev.type == "cuda"
+        model.to(dev)
+        if cuda:
+            model.to(memory_format=torch.channels_last)
+        initial_allocation(setup, rank, world)
+        optimizer = build_optimizer(setup)
+        realloc = None
+        if cfg.allocate and rank == 0:
+            realloc = Reallocator(
+                model,
+                optimizer,
+                scheme=cfg.allocate,
+                metric=cfg.metric,
+                every=cfg.reallocate_every,
+                s1=cfg.s1,
+                s2=cfg.s2,
+                seed=cfg.seed,
+                fit=cfg.fit,
+            )
+        params = dict(model.named_parameters())
+        masks = [(params[n], m.to(dev)) for n, m in setup.masks.items()]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        start, totals = _restore(setup, gen, cuda)
+        if realloc is not None:
+            realloc.count = start  # epochs done: a resumed run re-allocates (and seeds) on time
+        net: nn.Module = model
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if cuda else None
+            )
+        if cfg.compile:
+            net = torch.compile(net)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
+        )
+        return cls(optimizer, realloc, masks, gen, start, totals, net, autocast, setup.esd_seconds)
+
+
+def _set_lrs(optimizer: torch.optim.Optimizer, base: float) -> dict[str, float]:
+    """Every group's LR for the epoch (base times its multiplier); the LRs by layer."""
+    lrs = {"base": base}
+    for g in optimizer.param_groups:
+        g["lr"] = base * g["htsr_multiplier"]
+        if g["htsr_layer"] is not None:
+            lrs[g["htsr_layer"]] = g["lr"]
+    return lrs
+
+
+def _run_epoch(
+    setup: Setup,
+    state: _TrainingState,
+    batches: _Batches,
+    bar: _EpochBar,
+    epoch: int,
+    world: int,
+    rank: int,
+) -> dict[str, Any] | None:
+    """Train, evaluate, re-allocate, and (rank 0) save one epoch; its history record on
+    rank 0, None on the other ranks."""
+    cfg, model = setup.config, setup.model
+    t0 = time.perf_counter()
+    base = scheduled_lr(cfg.lr, epoch, cfg.epochs, cfg.warmup_epochs)
+    lrs = _set_lrs(state.optimizer, base)
+    bar.start(epoch, batches.steps, base)
+    train_stats = _train_epoch(
+        state.net,
+        batches,
+        state.optimizer,
+        state.masks,
+        cfg.label_smoothing,
+        state.gen,
+        state.autocast,
+        bar,
+    )
+    if world > 1:  # evaluate every shard with rank 0's BatchNorm statistics
+        import torch.distributed as dist
+
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+    test_stats = _evaluate(model, batches, state.autocast)
+    t_esd = time.perf_counter()
+    metric = _esd_work(setup, state.realloc, state.optimizer, world, rank)
+    esd = time.perf_counter() - t_esd + state.pending_esd
+    tr_loss, tr_correct, tr_n, te_loss, te_correct, te_n = all_sum(
+        [*train_stats, *test_stats], world
+    )
+    seconds = time.perf_counter() - t0 + state.pending_esd
+    state.pending_esd = 0.0
+    if rank != 0:
+        return None
+    record = {
+        "epoch": epoch,
+        "train_loss": tr_loss / tr_n,
+        "train_acc": tr_correct / tr_n,
+        "test_loss": te_loss / te_n,
+        "test_acc": te_correct / te_n,
+        "seconds": seconds,
+        "lr": lrs,
+        "metric_name": cfg.metric,
+        "metric": metric,
+        "esd_seconds": esd,
+    }
+    totals = state.totals
+    totals.history.append(record)
+    totals.best = max(totals.best, record["test_acc"])
+    totals.seconds += seconds
+    _save(setup, totals, model, state.optimizer, state.gen, epoch, world)
+    bar.line(
+        f"epoch {epoch}/{cfg.epochs}  train loss {record['train_loss']:.4f} acc "
+        f"{record['train_acc']:.4f}  test loss {record['test_loss']:.4f} acc "
+        f"{record['test_acc']:.4f}  lr {base:.4g}  {seconds:.1f} s (esd {esd:.2f} s)"
+    )
+    return record
