@@ -17,6 +17,7 @@ from htsr_cli.allocate.plan import LRPlan
 from htsr_cli.allocate.schemes import MIN_MULTIPLIER, allocate
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import check_writable, choose_format, jsonable, open_output, write_json
+from htsr_cli.io.terminal import printable
 
 PLAN_FORMATS = ("table", "json", "csv")
 _BAR_WIDTH = 16
@@ -52,14 +53,20 @@ def render_plan_table(plan: LRPlan, console: Console) -> None:
     extra = f"  p={p['p']:g}" if "p" in p else ""
     extra += "  inverted" if p.get("invert") else ""
     extra += f"  seed={p.get('seed')}" if plan.scheme.startswith("sample-") else ""
+    # Every string from a file (path, names, metric, reasons) is shown as plain text: never
+    # rich markup, controls escaped (htsr_cli.io.terminal.printable).
     table = Table(
-        title=f"{src}  scheme={plan.scheme}{extra}  metric={plan.metric}  "
-        f"lr={plan.base_lr:g}  {allocated}/{len(plan.layers)} layers allocated",
+        title=Text(
+            printable(
+                f"{src}  scheme={plan.scheme}{extra}  metric={plan.metric}  "
+                f"lr={plan.base_lr:g}  {allocated}/{len(plan.layers)} layers allocated"
+            )
+        ),
         title_justify="left",
         header_style="bold",
     )
     table.add_column("layer", overflow="fold")
-    table.add_column(plan.metric, justify="right")
+    table.add_column(Text(printable(plan.metric)), justify="right")
     table.add_column("mult", justify="right")
     table.add_column("lr", justify="right")
     table.add_column("", no_wrap=True)
@@ -72,7 +79,7 @@ def render_plan_table(plan: LRPlan, console: Console) -> None:
     for layer in plan.layers:
         base = layer.status != "allocated"
         cells: list[Any] = [
-            layer.name,
+            Text(printable(layer.name)),
             _num(layer.metric_value),
             f"{layer.multiplier:.4g}",
             f"{layer.lr:.4g}",
@@ -85,7 +92,7 @@ def render_plan_table(plan: LRPlan, console: Console) -> None:
                     plan.base_wd * layer.wd_multiplier if layer.wd_multiplier is not None else None
                 ),
             ]
-        cells.append(Text(layer.reason or layer.status, style="dim" if base else ""))
+        cells.append(Text(printable(layer.reason or layer.status), style="dim" if base else ""))
         table.add_row(*cells, style="dim" if base else None)
     s = plan.summary()
     table.caption = (
@@ -94,7 +101,7 @@ def render_plan_table(plan: LRPlan, console: Console) -> None:
     table.caption_justify = "left"
     console.print(table)
     if p.get("clipped"):
-        console.print(f"[yellow]note:[/] {clip_note(plan)}")
+        console.print(Text("note: ", style="yellow") + Text(printable(clip_note(plan))))
 
 
 def clip_note(plan: LRPlan) -> str:
@@ -180,7 +187,7 @@ def run_allocate(
     write_plan(plan, fmt, output, color=to_terminal and "NO_COLOR" not in os.environ)
     if plan.params.get("clipped") and fmt != "table":  # a table carries its own note
         err = stderr or Console(stderr=True, highlight=False)
-        err.print(Text(f"note: {clip_note(plan)}", style="yellow"), soft_wrap=True)
+        err.print(Text(f"note: {printable(clip_note(plan))}", style="yellow"), soft_wrap=True)
     return plan
 
 

@@ -21,14 +21,16 @@ from htsr_cli.errors import (
     one_line,
     report_interrupt,
 )
+from htsr_cli.io.terminal import printable
 
 app = typer.Typer(
     name="htsr",
     help="Heavy-Tailed Self-Regularization metrics for neural-network checkpoints.\n\n"
     "Exit codes: 0 ok, 1 a --fail-if gate failed, 2 usage or input error, 3 internal error "
-    "(a bug; HTSR_DEBUG=1 shows the traceback).",
+    "(a bug; HTSR_DEBUG=1 shows the traceback), 130 interrupted, 141 the reader of stdout "
+    "closed the pipe (| head).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -51,8 +53,10 @@ def _root(
 
 
 def error(message: str) -> None:
-    """The one-line error format of every command."""
-    sys.stderr.write(f"htsr: error: {message}\n")
+    """The one-line error format of every command. Messages quote file names and keys, so
+    control characters are escaped: a crafted name cannot break the line or drive the
+    terminal."""
+    sys.stderr.write(f"htsr: error: {printable(message)}\n")
 
 
 def _command_path(argv: list[str] | None) -> str:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("HTSR_DEBUG"):
             raise
         sys.stderr.write(
-            f"htsr: internal error: {type(exc).__name__}: {one_line(exc)} (a bug; "
+            f"htsr: internal error: {type(exc).__name__}: {printable(one_line(exc))} (a bug; "
             "HTSR_DEBUG=1 shows the traceback)\n"
         )
         code = EXIT_INTERNAL

@@ -20,7 +20,7 @@ from rich.table import Table
 from htsr_cli.engine.analysis import SCHEMA, Analysis, analyze
 from htsr_cli.io.output import check_writable, dump_json, jsonable, open_output
 from htsr_cli.io.output import choose_format as output_format
-from htsr_cli.io.terminal import ProgressBar
+from htsr_cli.io.terminal import ProgressBar, printable
 
 FORMATS = ("table", "json", "csv", "ndjson")
 
@@ -192,7 +192,8 @@ def print_gates(results: Sequence[Any], console: Console) -> None:
     from rich.text import Text
 
     for g in results:
-        console.print(Text(g.message, style="green" if g.passed else "red"), soft_wrap=True)
+        style = "green" if g.passed else "red"
+        console.print(Text(printable(g.message), style=style), soft_wrap=True)
 
 
 __all__ = [

@@ -4,6 +4,12 @@ reader of analyses (``htsr.analysis/1``). The plan documents are read beside the
 
 A document names its schema as ``name/major``; a reader refuses another name or a major
 version it does not know, and missing fields, with one clear line. Torch-free.
+
+Every document is checked fully here, once, so that the code past a reader can trust it:
+:func:`read_json` refuses nesting deeper than :data:`MAX_DEPTH` and integers longer than
+:data:`MAX_INT_DIGITS` digits (both made Python raise RecursionError or ValueError); the
+analysis reader (:func:`validate_analysis`) checks the type and range of every field the
+commands use, and refuses two layers of the same name.
 """
 
 from __future__ import annotations
@@ -42,15 +48,57 @@ def read_json(source: str | Path) -> tuple[dict[str, Any], str]:
         raise InputError(f"cannot read {label}: {exc}") from None
     if not text.strip():
         raise InputError(f"{label} is empty (expected a JSON document)")
+    return parse_json(text, label), label
+
+
+#: Deepest nesting of objects and lists a document may have (htsr writes at most 5 levels).
+MAX_DEPTH = 64
+#: Longest integer a document may hold: any count htsr writes has far fewer digits.
+MAX_INT_DIGITS = 20
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _TooLong(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+class _TooLong(ValueError):
+    """A JSON integer longer than :data:`MAX_INT_DIGITS` digits."""
+
+
+def parse_json(text: str, label: str) -> dict[str, Any]:
+    """Parse JSON text into an object, refusing (one line, :class:`InputError`) what is not
+    JSON, not an object, nested deeper than :data:`MAX_DEPTH` or holding an integer longer
+    than :data:`MAX_INT_DIGITS` digits."""
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise InputError(
             f"{label} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except _TooLong as exc:
+        raise InputError(f"{label} holds {exc} (at most {MAX_INT_DIGITS})") from None
+    except RecursionError:
+        raise InputError(f"{label} is nested too deeply (at most {MAX_DEPTH} levels)") from None
     if not isinstance(doc, dict):
         raise InputError(f"{label} is not a JSON object")
-    return doc, label
+    check_depth(doc, label)
+    return doc
+
+
+def check_depth(doc: Any, label: str) -> None:
+    """Refuse a value nested deeper than :data:`MAX_DEPTH` (walked without recursion, so
+    that what is past the reader may recurse into the document safely)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InputError(f"{label} is nested too deeply (at most {MAX_DEPTH} levels)")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def check_schema(doc: Mapping[str, Any], expected: str, label: str) -> None:
@@ -72,20 +120,162 @@ def require(doc: Mapping[str, Any], fields: tuple[str, ...], label: str) -> None
         raise InputError(f"{label} lacks field(s) {', '.join(missing)}")
 
 
+#: Largest size (a side, a count of eigenvalues or of parameters) a document may state: every
+#: such number is then exact in float64 and fits torch's int64.
+MAX_SIZE = 2**53
+#: Largest magnitude of a metric value: its square, and a difference of two, stay finite.
+MAX_VALUE = 1e150
+
+# Per-layer fields of an analysis, by kind.
+_SIZE_FIELDS = ("N", "M", "rf", "num_evals")
+_COUNT_FIELDS = ("num_pl_spikes", "matrix_rank", "num_fingers")
+_TEXT_FIELDS = ("type", "status", "warning")
+# The ten metrics (htsr_cli.engine.columns, which io/ may not import) and the fit's numbers.
+_NUMBER_FIELDS = (
+    "alpha",
+    "rand_distance",
+    "stable_rank",
+    "entropy",
+    "norm",
+    "log_norm",
+    "spectral_norm",
+    "log_spectral_norm",
+    "alpha_weighted",
+    "log_alpha_norm",
+    "Q",
+    "xmin",
+    "xmax",
+    "D",
+    "sigma",
+    "raw_alpha",
+)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_int(value: Any, where: str, lo: int = 0, hi: int = MAX_SIZE) -> int:
+    """``value`` as an integer in ``[lo, hi]`` (a JSON number with no fraction), else an
+    :class:`InputError` naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InputError(f"{where} must be an integer in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
+def check_number(value: Any, where: str, *, limit: float = MAX_VALUE) -> float:
+    """``value`` as a float: a JSON number of magnitude at most ``limit``, or null (NaN, as
+    htsr writes a NaN); anything else is an :class:`InputError` naming ``where``."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"{where} must be a number or null, got {_short(value)}")
+    v = float(value)
+    if math.isnan(v):
+        return v
+    if not abs(v) <= limit:
+        raise InputError(f"{where} must be a number of magnitude at most {limit:g}, got {v:g}")
+    return v
+
+
+def check_text(value: Any, where: str) -> str:
+    """``value`` as a string, else an :class:`InputError` naming ``where``."""
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a string, got {_short(value)}")
+    return value
+
+
+def check_object(value: Any, where: str) -> Mapping[str, Any]:
+    """``value`` as a JSON object, else an :class:`InputError` naming ``where``."""
+    if not isinstance(value, Mapping):
+        raise InputError(f"{where} must be an object, got {_short(value)}")
+    return value
+
+
+def check_list(value: Any, where: str) -> list[Any]:
+    """``value`` as a JSON list, else an :class:`InputError` naming ``where``."""
+    if not isinstance(value, list | tuple):
+        raise InputError(f"{where} must be a list, got {_short(value)}")
+    return list(value)
+
+
+def _check_layer(layer: Any, where: str) -> None:
+    layer = check_object(layer, where)
+    require(layer, ("name", "num_evals"), where)
+    check_text(layer["name"], f"{where}.name")
+    if not layer["name"]:
+        raise InputError(f"{where}.name is empty")
+    where = f"{where} ({printable_name(layer['name'])})"
+    for key in _SIZE_FIELDS:
+        if key in layer:
+            check_int(layer[key], f"{where}.{key}", lo=1)
+    if all(k in layer for k in ("N", "M", "rf")) and layer["N"] * layer["M"] * layer["rf"] > (
+        MAX_SIZE
+    ):
+        raise InputError(f"{where}: N*M*rf exceeds {MAX_SIZE}")
+    for key in _COUNT_FIELDS:
+        if layer.get(key) is not None:
+            check_int(layer[key], f"{where}.{key}")
+    for key in _TEXT_FIELDS:
+        if key in layer:
+            check_text(layer[key], f"{where}.{key}")
+    for key in _NUMBER_FIELDS:  # other fields (a later minor version's) are not read
+        if key in layer:
+            check_number(layer[key], f"{where}.{key}")
+
+
+def _check_skipped(rec: Any, where: str) -> None:
+    rec = check_object(rec, where)
+    require(rec, ("name",), where)
+    check_text(rec["name"], f"{where}.name")
+    for key in ("reason", "dtype"):
+        if key in rec:
+            check_text(rec[key], f"{where}.{key}")
+    if "shape" in rec:
+        size = 1
+        for i, dim in enumerate(check_list(rec["shape"], f"{where}.shape")):
+            size *= check_int(dim, f"{where}.shape[{i}]")
+            if size > MAX_SIZE:
+                raise InputError(f"{where}.shape has more than {MAX_SIZE} elements")
+
+
+def printable_name(name: str) -> str:
+    """A name quoted for a message (repr: controls escaped, at most 60 characters)."""
+    text = repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def validate_analysis(doc: Mapping[str, Any], label: str = "analysis") -> dict[str, Any]:
-    """Check an ``htsr.analysis/1`` document enough for the commands that consume it."""
+    """Check an ``htsr.analysis/1`` document fully (docs/analysis-schema.md): the type and
+    range of every field the commands use, and no two layers (analysed or skipped) of the
+    same name. Past this, a consumer may index and compute without further checks."""
     check_schema(doc, ANALYSIS_SCHEMA, label)
+    check_depth(doc, label)
     require(doc, ("source", "options", "layers"), label)
     for key in ("source", "options"):
-        if not isinstance(doc[key], Mapping):
-            raise InputError(f"{label}: '{key}' must be an object")
-    layers = doc["layers"]
-    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
-        raise InputError(f"{label}: 'layers' must be a list of objects")
-    for i, layer in enumerate(layers):
-        require(layer, ("name", "num_evals"), f"{label} layers[{i}]")
+        check_object(doc[key], f"{label}: '{key}'")
+    for key in ("summary",):
+        if doc.get(key) is not None:
+            check_object(doc[key], f"{label}: '{key}'")
+    source = doc["source"]
+    if source.get("path") is not None:
+        check_text(source["path"], f"{label}: source.path")
+    layers = check_list(doc["layers"], f"{label}: 'layers'")
     if not layers:
         raise InputError(f"{label} has no analysed layer")
+    for i, layer in enumerate(layers):
+        _check_layer(layer, f"{label} layers[{i}]")
+    skipped = check_list(doc.get("skipped", []), f"{label}: 'skipped'")
+    for i, rec in enumerate(skipped):
+        _check_skipped(rec, f"{label} skipped[{i}]")
+    if "gates" in doc:
+        check_list(doc["gates"], f"{label}: 'gates'")
+    seen: set[str] = set()
+    for rec in [*layers, *skipped]:
+        if rec["name"] in seen:
+            raise InputError(f"{label} names layer {printable_name(rec['name'])} twice")
+        seen.add(rec["name"])
     return dict(doc)
 
 

@@ -14,7 +14,7 @@ from rich.text import Text
 from htsr_cli.allocate.report import bar
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import open_output, write_json
-from htsr_cli.io.terminal import ProgressBar
+from htsr_cli.io.terminal import ProgressBar, printable
 
 PLAN_FORMATS = ("table", "json")
 
@@ -79,11 +79,15 @@ def render_plan_table(plan: Any, console: Console) -> None:
     parameters, channels), then the coupled groups, the totals and the notes."""
     src = plan.source.get("analysis") or plan.source.get("path") or "(in memory)"
     structured = plan.mode == "structured"
+    # Strings from files (path, names, metric, notes) are plain text: never rich markup,
+    # controls escaped.
     table = Table(
-        title=f"{src}  {plan.mode}  {_method(plan)}", title_justify="left", header_style="bold"
+        title=Text(printable(f"{src}  {plan.mode}  {_method(plan)}")),
+        title_justify="left",
+        header_style="bold",
     )
     table.add_column("layer", overflow="fold")
-    table.add_column(plan.metric or "metric", justify="right")
+    table.add_column(Text(printable(plan.metric or "metric")), justify="right")
     table.add_column("budget", justify="right")
     table.add_column("ratio", justify="right")
     table.add_column("", no_wrap=True)
@@ -95,7 +99,7 @@ def render_plan_table(plan: Any, console: Console) -> None:
     coupled_roots = {g.name for g in plan.groups if len(g.members) > 1}
     for lp in plan.layers:
         cells: list[Any] = [
-            lp.name,
+            Text(printable(lp.name)),
             _num(lp.metric_value),
             f"{lp.budget:.3f}",
             f"{lp.ratio:.3f}",
@@ -105,9 +109,9 @@ def render_plan_table(plan: Any, console: Console) -> None:
         if structured:
             cells += [
                 f"{lp.channels_before} -> {lp.channels_after}",
-                lp.group if lp.group in coupled_roots else "",
+                Text(printable(lp.group)) if lp.group in coupled_roots else "",
             ]
-        cells.append(lp.note)
+        cells.append(Text(printable(lp.note)))
         table.add_row(*cells)
     console.print(table)
     coupled = [g for g in plan.groups if len(g.members) > 1]
@@ -118,17 +122,21 @@ def render_plan_table(plan: Any, console: Console) -> None:
         )
         for g in coupled:
             console.print(
-                f"  {g.name}: {len(g.members)} layers, budget {g.budget:.3f}, "
-                f"channels {g.channels_before} -> {g.channels_after} "
-                f"({g.channel_ratio:.1%}): {', '.join(g.members)}",
+                Text(
+                    printable(
+                        f"  {g.name}: {len(g.members)} layers, budget {g.budget:.3f}, "
+                        f"channels {g.channels_before} -> {g.channels_after} "
+                        f"({g.channel_ratio:.1%}): {', '.join(g.members)}"
+                    )
+                ),
                 soft_wrap=True,
             )
     for line in summary_lines(plan):
-        console.print(line, soft_wrap=True)
+        console.print(Text(line), soft_wrap=True)
     for note in plan.notes:
-        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        console.print(Text("note: ", style="yellow") + Text(printable(note)), soft_wrap=True)
     if plan.output:
-        console.print(f"wrote {plan.output}")
+        console.print(Text(f"wrote {printable(plan.output)}"))
 
 
 def write_plan(plan: Any, fmt: str, *, color: bool = False) -> None:
@@ -178,7 +186,7 @@ def run_prune(
     terminal = sys.stdout.isatty()
     write_plan(plan, fmt, color=terminal and not os.environ.get("NO_COLOR"))
     if output and fmt != "table":
-        err.print(f"wrote {output}", highlight=False)
+        err.print(Text(f"wrote {printable(output)}"), highlight=False)
     return plan
 
 
