@@ -184,7 +184,7 @@ def test_metric_not_computed_is_an_input_error_at_evaluation():
 
 def test_to_dict_is_json_ready():
     d = check("count(alpha >= 3) > 1").to_dict()
-    assert set(d) == {"gate", "passed", "value", "offending", "message"}
+    assert set(d) == {"gate", "passed", "value", "offending", "message", "warnings"}
     assert json.loads(json.dumps(d, allow_nan=False)) == d
     assert d["offending"] == [
         {"name": "features.1", "value": 3.0},

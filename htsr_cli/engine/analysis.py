@@ -364,7 +364,8 @@ def analyze(
                     spectra=spectra if keep_spectra else None,
                 )
             except spectrum.NonFiniteWeightError as exc:  # a diverged run: skip, keep going
-                return {"name": name, "reason": str(exc)}, None
+                # "nonfinite" lets the gates fail a diverged layer (docs/gates.md).
+                return {"name": name, "reason": str(exc), "nonfinite": True}, None
             return row, spectra
 
         # closing(): a callback that raises must also stop the workers before the thread
@@ -383,7 +384,7 @@ def analyze(
                     on_layer(record)
                 if on_progress:
                     on_progress(done, len(chosen), record["name"])
-        result.gates = evaluate_gates(gates, result.layers)
+        result.gates = evaluate_gates(gates, result.layers, skipped=result.skipped)
         result.source = {"path": ckpt.path, "format": ckpt.format, "files": ckpt.files()}
         result.seconds = time.perf_counter() - t0
         return result

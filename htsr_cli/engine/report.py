@@ -194,6 +194,8 @@ def print_gates(results: Sequence[Any], console: Console) -> None:
     for g in results:
         style = "green" if g.passed else "red"
         console.print(Text(printable(g.message), style=style), soft_wrap=True)
+        for w in g.warnings:  # a glob that matches no layer (docs/gates.md)
+            console.print(Text(f"htsr: warning: {printable(w)}"), soft_wrap=True)
 
 
 __all__ = [
