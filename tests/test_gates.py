@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -216,3 +217,208 @@ def test_property_per_layer_and_count_match_python(values, threshold, op):
     assert [o["name"] for o in per_layer.offending] == expected
     if values:  # with no layers at all every gate passes and has no value
         assert counted.value == sum(CMPS[op](v, threshold) for v in values)
+
+
+# ------------------------------------------------------------------ baselines (issue 11)
+
+BASE = [
+    {"name": "enc.0", "alpha": 3.0, "spectral_norm": 2.0},
+    {"name": "enc.1", "alpha": 4.0, "spectral_norm": 0.0},
+    {"name": "dec.0", "alpha": 5.0, "spectral_norm": 4.0},
+    {"name": "gone", "alpha": 2.5, "spectral_norm": 1.0},
+]
+NOW = [
+    {"name": "enc.0", "alpha": 3.7, "spectral_norm": 3.5},  # delta 0.7, ratio 1.75
+    {"name": "enc.1", "alpha": 4.1, "spectral_norm": 1.0},  # delta 0.1, ratio inf (1/0)
+    {"name": "dec.0", "alpha": None, "spectral_norm": 4.0},  # failed fit: no delta
+    {"name": "new", "alpha": 9.0, "spectral_norm": 1.0},  # only in this model
+]
+
+
+def check_base(expr: str, layers=NOW, baseline=BASE, **kw):
+    (result,) = evaluate_gates([parse_gate(expr)], layers, baseline=baseline, **kw)
+    return result
+
+
+def test_delta_per_layer_is_this_minus_baseline_on_paired_layers_only():
+    r = check_base("delta(alpha) > 0.5")
+    assert offenders(r) == [("enc.0", pytest.approx(0.7))]
+    # "new" (alpha 9, no baseline) is never compared; dec.0 has no value.
+    r = check_base("delta(alpha) > -100")
+    assert [n for n, _ in offenders(r)] == ["enc.0", "enc.1"]
+
+
+def test_delta_and_ratio_inside_aggregates_and_count():
+    assert check_base("mean(delta(alpha)) > 0.1").value == pytest.approx((0.7 + 0.1) / 2)
+    assert check_base("max(delta(alpha)) > 0.5").offending[0]["name"] == "enc.0"
+    r = check_base("max(ratio(spectral_norm)) > 1.5 on 'enc.*'")
+    assert not r.passed and r.value == math.inf and offenders(r) == [("enc.1", math.inf)]
+    r = check_base("count(ratio(spectral_norm) >= 1.75) > 1")
+    assert r.value == 2.0 and [n for n, _ in offenders(r)] == ["enc.0", "enc.1"]
+    assert check_base("min(ratio(spectral_norm)) == 1 on dec.*").value == 1.0
+
+
+def test_ratio_over_zero_and_zero_over_zero_follow_ieee():
+    layers = [{"name": "a", "norm": 0.0}, {"name": "b", "norm": 2.0}, {"name": "c", "norm": -1}]
+    base = [{"name": "a", "norm": 0.0}, {"name": "b", "norm": 0.0}, {"name": "c", "norm": 0}]
+    r = check_base("ratio(norm) != 12345", layers, base)
+    assert offenders(r) == [("b", math.inf), ("c", -math.inf)]  # 0/0 is NaN: never offends
+
+
+def test_added_and_removed_are_counted_and_listed():
+    r = check_base("added > 0")
+    assert not r.passed and r.value == 1.0 and [o["name"] for o in r.offending] == ["new"]
+    r = check_base("count(removed) >= 1")
+    assert not r.passed and [o["name"] for o in r.offending] == ["gone"]
+    assert check_base("removed > 0 on 'enc.*'").passed
+    assert check_base("added > 0", NOW[:3], BASE[:3]).passed  # nothing added: passes
+
+
+def test_baseline_gates_without_a_baseline_are_input_errors():
+    for expr in ("delta(alpha) > 0", "mean(ratio(alpha)) > 1", "added > 0", "count(removed) > 0"):
+        with pytest.raises(InputError, match="compares with a baseline"):
+            evaluate_gates([parse_gate(expr)], NOW)
+
+
+def test_delta_needs_the_metric_in_the_baseline():
+    with pytest.raises(InputError, match="needs metric stable_rank in the baseline"):
+        check_base("delta(stable_rank) > 0", [dict(r, stable_rank=1.0) for r in NOW], BASE)
+
+
+def test_parse_structure_of_baseline_gates():
+    g = parse_gate("mean(delta(alpha)) > 0.1")
+    assert (g.agg, g.transform, g.metric, g.operand) == (
+        "mean",
+        "delta",
+        "alpha",
+        "mean(delta(alpha))",
+    )
+    g = parse_gate("count(ratio(norm) > 2) >= 1 on 'x.*'")
+    assert (g.agg, g.transform, g.inner_op, g.inner_threshold, g.glob) == (
+        "count",
+        "ratio",
+        ">",
+        2.0,
+        "x.*",
+    )
+    for text in ("added > 0", "count(added) > 0"):
+        g = parse_gate(text)
+        assert (g.agg, g.metric, g.counts_set, g.needs_baseline) == ("count", "added", True, True)
+    g = parse_gate("count(nonfinite) > 0")
+    assert g.counts_set and not g.needs_baseline and g.metrics == ()
+
+
+@pytest.mark.parametrize(
+    ("expr", "hint"),
+    [
+        ("delta(foo) > 1", "unknown metric 'foo'"),
+        ("delta(alpha > 1", "expected ')' after 'alpha'"),
+        ("delta alpha > 1", "expected '(' after 'delta'"),
+        ("mean(delta(nonfinite)) > 1", "nonfinite is a layer set"),
+        ("count(added > 1) > 1", "expected ')' after 'added'"),
+        ("delta(delta(alpha)) > 1", "unknown metric 'delta'"),
+        ("count(delta(alpha)) > 1", "count() takes a condition"),
+        ("alpha > 1e999", "number out of range"),
+        ("alpha > " + "9" * 400, "number out of range"),
+    ],
+)
+def test_malformed_baseline_expressions(expr, hint):
+    with pytest.raises(InputError, match=re.escape(hint)):
+        parse_gate(expr)
+
+
+# ------------------------------------------------------------ diverged models (issue 15.1)
+
+NONFINITE = {"name": "bad", "reason": "weight has NaN or infinite entries", "nonfinite": True}
+TOO_SMALL = {"name": "tiny", "reason": "4 eigenvalues < --min-evals 8"}
+
+
+def test_every_layer_nonfinite_fails_every_value_gate():
+    # What a diverged run looks like: no analysed layer at all.
+    skipped = [dict(NONFINITE, name=f"l{i}") for i in range(3)]
+    for expr in ("alpha > 6", "count(alpha > 0) < 10", "mean(alpha) > 4.5", "alpha < -inf"):
+        (r,) = evaluate_gates([parse_gate(expr)], [], skipped=skipped)
+        assert not r.passed, expr
+        assert [o["name"] for o in r.offending] == ["l0", "l1", "l2"]
+        assert "all 3 selected layers were skipped" in r.message
+    (r,) = evaluate_gates([parse_gate("count(nonfinite) > 0")], [], skipped=skipped)
+    assert not r.passed and r.value == 3.0
+
+
+def test_one_nonfinite_layer_fails_the_gates_that_select_it():
+    layers = [{"name": "ok", "alpha": 3.0}]
+    per_layer, agg, elsewhere, counted = evaluate_gates(
+        [
+            parse_gate("alpha > 6"),
+            parse_gate("mean(alpha) > 4.5"),
+            parse_gate("alpha > 6 on ok"),
+            parse_gate("count(nonfinite) >= 1"),
+        ],
+        layers,
+        skipped=[NONFINITE],
+    )
+    assert not per_layer.passed and per_layer.offending == [
+        {"name": "bad", "value": None, "reason": "weights are NaN or infinite"}
+    ]
+    assert not agg.passed and agg.value == 3.0 and "non-finite weights (bad)" in agg.message
+    assert elsewhere.passed  # the glob leaves the diverged layer out
+    assert not counted.passed and counted.offending[0]["name"] == "bad"
+
+
+def test_layers_skipped_for_other_reasons_only_fail_when_nothing_is_left():
+    layers = [{"name": "ok", "alpha": 3.0}]
+    (r,) = evaluate_gates([parse_gate("alpha > 6")], layers, skipped=[TOO_SMALL])
+    assert r.passed
+    (r,) = evaluate_gates([parse_gate("alpha > 6 on tiny")], layers, skipped=[TOO_SMALL])
+    assert not r.passed and "all 1 selected layers were skipped" in r.message
+    (r,) = evaluate_gates([parse_gate("count(skipped) > 0")], layers, skipped=[TOO_SMALL])
+    assert not r.passed and r.offending[0]["reason"] == TOO_SMALL["reason"]
+
+
+def test_old_documents_without_the_marker_are_recognised_by_their_reason():
+    old = {"name": "bad", "reason": "weight has NaN or infinite entries"}
+    (r,) = evaluate_gates([parse_gate("count(nonfinite) > 0")], [{"name": "x"}], skipped=[old])
+    assert not r.passed
+
+
+# ------------------------------------------------------------ globs matching nothing (issue 11)
+
+
+def test_glob_matching_no_layer_warns_and_strict_makes_it_an_error():
+    layers = [{"name": "enc.0", "alpha": 3.0}]
+    (r,) = evaluate_gates([parse_gate("alpha > 6 on 'head.*'")], layers)
+    assert r.passed and r.warnings == [
+        "--fail-if \"alpha > 6 on 'head.*'\": no layer matches 'head.*'"
+    ]
+    with pytest.raises(InputError, match=r"no layer matches 'head\.\*' \(--strict\)"):
+        evaluate_gates([parse_gate("alpha > 6 on 'head.*'")], layers, strict=True)
+    # A glob matching only skipped or only removed layers does match a layer name.
+    (r,) = evaluate_gates(
+        [parse_gate("removed > 5 on gone")],
+        layers,
+        baseline=[*layers, {"name": "gone"}],
+        strict=True,
+    )
+    assert r.passed and r.warnings == []
+    (r,) = evaluate_gates(
+        [parse_gate("alpha > 6 on tiny")], layers, skipped=[TOO_SMALL], strict=True
+    )
+    assert not r.passed and r.warnings == []
+
+
+# ------------------------------------------------------------ linear parsing (issue 15.6)
+
+
+def test_parser_is_linear_in_the_number_of_digits():
+    # The regex scanner of 0.1 backtracked: 8,000 digits took 4.6 s, 100,000 never finished.
+    # Counted in scanner steps, not seconds: the work per character is bounded.
+    for n in (8_000, 100_000):
+        digits = "1" * n
+        for text in (f"alpha > {digits}x", f"alpha > 0.{digits}", f"alpha > {digits}.{digits}e5"):
+            try:
+                parse_gate(text)
+            except InputError as exc:
+                assert "\n" not in str(exc) and len(str(exc)) < 400
+    assert parse_gate("alpha > 0." + "3" * 100_000).threshold == pytest.approx(1 / 3)
+    with pytest.raises(InputError, match="expected a number"):
+        parse_gate("alpha > " + "1" * 100_000 + "x")
