@@ -15,6 +15,9 @@ FIT = "ww"
 #: allocate and prune's metric method: layers with fewer eigenvalues keep the base LR / get the
 #: average budget (TempBalance's and AlphaPruning's 50).
 PLAN_MIN_EVALS = 50
+#: The fit of the on-the-fly analysis behind an LR plan: ``htsr allocate CKPT``, ``Reallocator``
+#: and ``htsr finetune`` (TempBalance's ``xmin_mid``; an analysis document keeps its own fit).
+PLAN_FIT = "median"
 #: allocate: the smallest and largest multiplier of tb-linear and rank (TempBalance's).
 S1, S2 = 0.5, 1.5
 #: allocate --wd: AlphaDecay's weight-decay multiplier range.

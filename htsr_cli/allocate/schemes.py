@@ -20,6 +20,7 @@ import numpy as np
 from htsr_cli import defaults
 from htsr_cli.allocate.plan import LRPlan, PlanLayer
 from htsr_cli.engine.columns import METRICS
+from htsr_cli.engine.presets import Preset, check_fit, get_preset
 from htsr_cli.errors import InputError
 from htsr_cli.io.documents import finite, is_analysis_document, read_analysis
 
@@ -59,7 +60,11 @@ MIN_MULTIPLIER = 1e-6
 DEFAULT_MIN_EVALS = defaults.PLAN_MIN_EVALS
 #: Keyword options of :func:`htsr_cli.engine.analysis.analyze` that allocate passes on for a
 #: checkpoint source (``analysis_seed`` is analyze's ``seed``).
-ANALYZE_OPTIONS = frozenset({"fit", "device", "layers", "exclude", "trust_pickle", "analysis_seed"})
+ANALYZE_OPTIONS = frozenset(
+    {"fit", "device", "layers", "exclude", "trust_pickle", "key", "analysis_seed"}
+)
+#: The fit of an on-the-fly analysis for a plan (allocate, Reallocator, finetune): one default.
+DEFAULT_FIT = defaults.PLAN_FIT
 
 
 _NAMES = tuple(s.split(":")[0] for s in SCHEMES)
@@ -281,12 +286,18 @@ def scheme_multipliers(
 
 
 def load_analysis(
-    source: Any, metric: str, analyze_options: Mapping[str, Any]
+    source: Any,
+    metric: str,
+    analyze_options: Mapping[str, Any],
+    preset: Preset | None = None,
+    default_fit: str = DEFAULT_FIT,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The analysis document behind ``source`` and the plan's ``source`` record.
 
     A document (``-``, a ``.json`` path, a dict with ``schema``, an :class:`Analysis`) is
-    validated; anything else is a checkpoint, analysed for ``metric`` only.
+    validated, and with a ``preset`` it must have been made with that preset; anything else is
+    a checkpoint, analysed for ``metric`` only (fit ``default_fit`` unless given, the preset's
+    conventions with a preset).
     """
     unknown = set(analyze_options) - ANALYZE_OPTIONS
     if unknown:
@@ -304,12 +315,23 @@ def load_analysis(
                 f"{names} {verb} only to a checkpoint source; SOURCE is an analysis document"
             )
         doc, label = read_analysis(source)
+        made_with = doc.get("options", {}).get("preset") if isinstance(doc, Mapping) else None
+        if preset is not None and made_with != preset.name:
+            raise InputError(
+                f"--preset {preset.name} needs an analysis made with it (htsr analyze --preset "
+                f"{preset.name}); this one was made with "
+                + (f"--preset {made_with}" if made_with else "htsr's own conventions")
+            )
         record = dict(doc["source"]) if isinstance(doc["source"], Mapping) else {}
         if label is not None:
             record["analysis"] = label
         return doc, record
     from htsr_cli.engine.analysis import analyze_metric  # torch: only for a checkpoint
 
+    given.setdefault("fit", preset.fit if preset else default_fit)
+    if preset is not None:
+        check_fit(preset, given["fit"])
+        given["preset"] = preset.name
     result = analyze_metric(source, metric, **given)
     if not result.layers:
         skipped = "; ".join(f"{r['name']}: {r['reason']}" for r in result.skipped[:3])
@@ -400,6 +422,7 @@ def allocate(
     wd_scheme: str | None = None,
     wd_min_ratio: float = defaults.WD_MIN_RATIO,
     wd_max_ratio: float = defaults.WD_MAX_RATIO,
+    preset: str | None = None,
     **analyze_options: Any,
 ) -> LRPlan:
     """A per-layer learning-rate plan from an analysis or a checkpoint.
@@ -419,8 +442,13 @@ def allocate(
         wd: base weight decay; adds AlphaDecay ``wd_multiplier`` to every layer.
         wd_scheme: ``tb-linear`` (the default when ``wd`` is given).
         wd_min_ratio, wd_max_ratio: the AlphaDecay range (larger metric, more decay).
-        **analyze_options: for a checkpoint source only: ``fit``, ``device``, ``layers``,
-            ``exclude``, ``trust_pickle``, ``analysis_seed`` (analyze's ``seed``).
+        preset: ``tempbalance``: TempBalance's analysis (fit median, its eigenvalue filter
+            and layer set; docs/presets.md). Its allocation conventions (tb-linear 0.5..1.5,
+            50 eigenvalues, first and last layer at the base LR) are htsr's defaults. A
+            document source must have been analysed with the same preset.
+        **analyze_options: for a checkpoint source only: ``fit`` (default
+            :data:`DEFAULT_FIT`, ``median``), ``device``, ``layers``, ``exclude``,
+            ``trust_pickle``, ``analysis_seed`` (analyze's ``seed``).
 
     Raises:
         InputError: bad option, unreadable or invalid source, metric absent from the analysis.
@@ -428,7 +456,8 @@ def allocate(
     _check_allocate(lr, metric, s1, s2, seed, min_evals, wd, wd_scheme, wd_min_ratio, wd_max_ratio)
     name, scheme_params = parse_scheme(scheme)
     lr = float(lr)
-    doc, source_record = load_analysis(source, metric, analyze_options)
+    tool = get_preset(preset, "allocate")
+    doc, source_record = load_analysis(source, metric, analyze_options, tool)
     layers: list[dict[str, Any]] = doc["layers"]
     if not any(metric in layer for layer in layers):
         raise InputError(
@@ -472,6 +501,7 @@ def allocate(
         "min_multiplier": MIN_MULTIPLIER,
         "mean_preserving": name in MEAN_PRESERVING,
         "allocated": len(chosen),
+        "preset": tool.name if tool else None,
     }
     if wd is not None:
         params.update(wd_min_ratio=wd_min_ratio, wd_max_ratio=wd_max_ratio)

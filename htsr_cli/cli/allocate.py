@@ -77,13 +77,19 @@ def allocate_command(
         "and json in a pipe.",
     ),
     output: Optional[str] = options.output(),  # noqa: UP045
-    fit: Optional[str] = options.fit(None, _ON_THE_FLY, "Default ww."),  # noqa: UP045
+    fit: Optional[str] = options.fit(  # noqa: UP045
+        None, _ON_THE_FLY, "Default median (TempBalance's; as finetune), or the --preset's."
+    ),
     device: Optional[str] = options.device(None, _ON_THE_FLY),  # noqa: UP045
     layers: list[str] = options.layers(_ON_THE_FLY),
     exclude: list[str] = options.exclude(
         _ON_THE_FLY + "leave out layers whose name matches this glob (repeatable)."
     ),
     trust_pickle: bool = options.trust_pickle(_ON_THE_FLY),
+    preset: Optional[str] = options.preset(  # noqa: UP045
+        "tempbalance: TempBalance's analysis and allocation; an analysis SOURCE must have been "
+        "made with it. "
+    ),
 ) -> None:
     """Per-layer learning rates (and weight decay) from an HT-SR metric."""
     from htsr_cli.allocate.report import run_allocate
@@ -110,4 +116,5 @@ def allocate_command(
         layers=layers,
         exclude=exclude,
         trust_pickle=trust_pickle,
+        preset=preset,
     )

@@ -40,7 +40,7 @@ def analyze_command(
         "terminal and json in a pipe. ndjson streams one layer per line.",
     ),
     output: Optional[str] = options.output(),  # noqa: UP045
-    fit: str = options.fit(),
+    fit: Optional[str] = options.fit(None, note="Default ww, or the --preset's."),  # noqa: UP045
     metrics: Optional[str] = typer.Option(  # noqa: UP045
         None,
         "--metrics",
@@ -51,10 +51,11 @@ def analyze_command(
     device: str = options.device(),
     layers: list[str] = options.layers(),
     exclude: list[str] = options.exclude(),
-    min_evals: int = typer.Option(
-        DEFAULT_MIN_EVALS,
+    min_evals: Optional[int] = typer.Option(  # noqa: UP045
+        None,
         "--min-evals",
-        help="Skip (and list) layers with fewer pooled eigenvalues.",
+        help=f"Skip (and list) layers with fewer pooled eigenvalues. Default {DEFAULT_MIN_EVALS}, "
+        "or the --preset's.",
     ),
     seed: int = typer.Option(
         DEFAULT_SEED, "--seed", help="Seed of the shuffles behind rand_distance."
@@ -66,6 +67,7 @@ def analyze_command(
         "\"alpha > 6 on 'encoder.*'\". Exit 1 when any holds. See docs/gates.md.",
     ),
     trust_pickle: bool = options.trust_pickle(),
+    preset: Optional[str] = options.preset(),  # noqa: UP045
     jobs: Optional[int] = typer.Option(  # noqa: UP045
         None,
         "--jobs",
@@ -99,6 +101,7 @@ def analyze_command(
         fail_if=fail_if,
         trust_pickle=trust_pickle,
         jobs=jobs,
+        preset=preset,
     )
     if result.failed_gates:
         raise typer.Exit(EXIT_GATE_FAILED)

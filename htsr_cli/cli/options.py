@@ -22,6 +22,17 @@ def fit(default: str | None = "ww", when: str = "", note: str = "") -> Any:
     return typer.Option(default, "--fit", help=when + FIT_HELP + (" " + note if note else ""))
 
 
+PRESET_HELP = (
+    "Reproduce a reference tool's numbers: tempbalance | alphapruning | weightwatcher. Sets "
+    "every convention of that tool, quirks included (eigenvalue filter, estimator, peak "
+    "window, layer set, ...); options given explicitly win. Table in docs/presets.md."
+)
+
+
+def preset(when: str = "") -> Any:
+    return typer.Option(None, "--preset", help=when + PRESET_HELP)
+
+
 def device(default: str | None = "auto", when: str = "") -> Any:
     return typer.Option(default, "--device", help=when + "auto | cpu | cuda | cuda:N.")
 

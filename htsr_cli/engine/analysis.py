@@ -29,9 +29,10 @@ from htsr_cli.defaults import ANALYZE_MIN_EVALS as DEFAULT_MIN_EVALS
 from htsr_cli.defaults import SEED as DEFAULT_SEED
 from htsr_cli.engine import spectrum
 from htsr_cli.engine.columns import ALPHA_HIGH, ALPHA_LOW
-from htsr_cli.engine.fit import FIT_MODES, fit_power_law
+from htsr_cli.engine.fit import FIT_MODES, HTSR, FitConventions, fit_power_law
 from htsr_cli.engine.gates import GateResult, evaluate_gates, parse_gate, require_metrics
 from htsr_cli.engine.metrics import FIT_METRICS, METRICS, layer_metrics
+from htsr_cli.engine.presets import check_fit, get_preset
 from htsr_cli.errors import InputError
 from htsr_cli.io import schemas
 from htsr_cli.io.checkpoint import Checkpoint, TensorRef, open_checkpoint
@@ -198,10 +199,12 @@ def analyze_layer(
     device: torch.device | str = "cpu",
     seed: int = DEFAULT_SEED,
     spectra: dict[str, torch.Tensor] | None = None,
+    conventions: FitConventions = HTSR,
 ) -> dict[str, Any]:
     """Every column of one layer from its weight tensor (the unit the whole tool is built on).
 
-    When ``spectra`` is given, the layer's eigenvalues are stored there under its name."""
+    When ``spectra`` is given, the layer's eigenvalues are stored there under its name.
+    ``conventions``: the fit's (a preset's, see :mod:`htsr_cli.engine.presets`)."""
     geom = spectrum.geometry(tuple(weight.shape))
     if geom is None:
         raise ValueError(f"{name}: shape {tuple(weight.shape)} is not a layer")
@@ -215,7 +218,7 @@ def analyze_layer(
     if spectra is not None:
         spectra[name] = evals.cpu()
     if wanted & FIT_METRICS:
-        pl = fit_power_law(evals, fit, spectrum.EVALS_THRESH)
+        pl = fit_power_law(evals, fit, spectrum.EVALS_THRESH, conventions)
     else:
         pl = None
     alpha = pl.alpha if pl is not None else math.nan
@@ -255,12 +258,12 @@ def analyze_layer(
 def analyze(
     source: Any,
     *,
-    fit: str = "ww",
+    fit: str | None = None,
     metrics: str | Sequence[str] | None = None,
     device: str = "auto",
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
-    min_evals: int = DEFAULT_MIN_EVALS,
+    min_evals: int | None = None,
     seed: int = DEFAULT_SEED,
     trust_pickle: bool = False,
     fail_if: Sequence[str] = (),
@@ -268,17 +271,20 @@ def analyze(
     jobs: int | None = None,
     on_layer: Callable[[dict[str, Any]], None] | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
+    preset: str | None = None,
 ) -> Analysis:
     """Compute the HT-SR metrics of every layer of a checkpoint.
 
     Args:
         source: a checkpoint path (file or Hugging Face directory), a state dict, an
             ``nn.Module``, or an already open :class:`~htsr_cli.io.checkpoint.Checkpoint`.
-        fit: power-law fit mode, one of ``ww``, ``median``, ``peak``, ``clip-xmax``.
+        fit: power-law fit mode, one of ``ww`` (the default), ``median``, ``peak``,
+            ``clip-xmax``.
         metrics: a subset of the ten metrics (list or comma-separated); None for all.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         layers, exclude: fnmatch globs on layer names (state-dict key without ``.weight``).
-        min_evals: layers with fewer pooled eigenvalues are skipped (listed in ``skipped``).
+        min_evals: layers with fewer pooled eigenvalues are skipped (listed in ``skipped``);
+            default 8.
         seed: seed of the shuffles behind ``rand_distance``.
         trust_pickle: allow torch files that need code to unpickle.
         fail_if: gate expressions (docs/gates.md), evaluated into ``Analysis.gates``.
@@ -288,12 +294,22 @@ def analyze(
         on_layer: called with each layer row (or skipped record) in checkpoint order, as soon
             as it and every layer before it are done.
         on_progress: called as ``(done, total, layer_name)`` after each layer.
+        preset: ``tempbalance``, ``alphapruning`` or ``weightwatcher``: that tool's fit
+            conventions, default fit, layer set and ``min_evals`` (docs/presets.md); ``fit``
+            and ``min_evals`` given explicitly still win.
 
     Raises:
         InputError: unreadable source, bad option, or no weight matrix to analyse.
     """
+    tool = get_preset(preset, "analyze")
+    fit = fit if fit is not None else (tool.fit if tool else "ww")
+    if min_evals is None:
+        min_evals = tool.analyze_min_evals if tool else DEFAULT_MIN_EVALS
     if fit not in FIT_MODES:
         raise InputError(f"unknown fit mode {fit!r}; choose from {', '.join(FIT_MODES)}")
+    if tool:
+        check_fit(tool, fit)
+    conventions = tool.fit_conventions() if tool else HTSR
     if min_evals < 1:
         raise InputError(f"--min-evals must be a positive integer, got {min_evals}")
     names = parse_metrics(metrics)
@@ -338,8 +354,10 @@ def analyze(
             "exclude": list(exclude),
             "min_evals": min_evals,
             "seed": seed,
-            "evals_thresh": spectrum.EVALS_THRESH,
+            # the fit's eigenvalue filter: 0 where a preset keeps every positive eigenvalue
+            "evals_thresh": spectrum.EVALS_THRESH if conventions.filter_evals else 0.0,
             "fail_if": list(fail_if),
+            "preset": tool.name if tool else None,
         }
         result = Analysis(source={}, options=options)
 
@@ -352,6 +370,8 @@ def analyze(
                     "reason": f"{str(weight.layout).removeprefix('torch.')} "
                     "tensor: not a dense weight",
                 }, None
+            if tool and (why := tool.skip_reason(name, tuple(weight.shape))):
+                return {"name": name, "reason": why}, None
             spectra: dict[str, torch.Tensor] = {}
             try:
                 row = analyze_layer(
@@ -362,6 +382,7 @@ def analyze(
                     device=dev,
                     seed=seed,
                     spectra=spectra if keep_spectra else None,
+                    conventions=conventions,
                 )
             except spectrum.NonFiniteWeightError as exc:  # a diverged run: skip, keep going
                 # "nonfinite" lets the gates fail a diverged layer (docs/gates.md).

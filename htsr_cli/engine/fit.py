@@ -28,6 +28,43 @@ _CLIP_THRESH = 1.0
 _CLIP_MIN_ALPHA = 2.0
 # Elements per block of the D scan: bounded memory whatever the spectrum size.
 _BLOCK_ELEMS = 1 << 22
+#: xmin_peak: histogram bins of log10(lambda), and the window [0.95 p, 1.5 p] around the peak.
+PEAK_BINS = 100
+PEAK_LOW, PEAK_HIGH = 0.95, 1.5
+#: The lower-bound conventions of ``peak``: htsr compares 0.95 p with the eigenvalues;
+#: TempBalance and AlphaPruning compare log10(0.95 p) with them (docs/engine.md).
+PEAK_BOUNDS = ("linear", "log10")
+
+
+@dataclass(frozen=True)
+class FitConventions:
+    """How a fit treats the spectrum. The defaults are htsr's corrected conventions; a preset
+    (:mod:`htsr_cli.engine.presets`) sets a reference tool's, quirks included.
+
+    Attributes:
+        filter_evals: fit only eigenvalues above ``thresh`` (WeightWatcher's ``EVALS_THRESH``).
+            False: fit every positive eigenvalue, as TempBalance and AlphaPruning do with their
+            default ``filter_zeros=False`` (an exactly-zero one has no logarithm).
+        small_sample: below :data:`SMALL_N_CUTOFF` eigenvalues the argmin-D scans (``ww``,
+            ``peak``, ``clip-xmax``) use WeightWatcher's small-sample estimator; False keeps the
+            plain MLE (TempBalance, AlphaPruning).
+        peak_bound: ``linear`` or ``log10`` (the reference tools' lower bound of ``peak``).
+        float32_window: locate the ``peak`` window in float32 as the reference tools do
+            (their histogram edges), so that the same candidates fall inside it.
+    """
+
+    filter_evals: bool = True
+    small_sample: bool = True
+    peak_bound: str = "linear"
+    float32_window: bool = False
+
+
+#: htsr's own conventions (the default of every fit).
+HTSR = FitConventions()
+#: TempBalance's and AlphaPruning's ``net_esd_estimator`` with its defaults.
+REFERENCE = FitConventions(
+    filter_evals=False, small_sample=False, peak_bound="log10", float32_window=True
+)
 
 
 @dataclass
@@ -117,12 +154,16 @@ def _result(
 
 
 def _fit_scan(
-    x: torch.Tensor, all_evals: torch.Tensor, candidates: torch.Tensor | None = None
+    x: torch.Tensor,
+    all_evals: torch.Tensor,
+    candidates: torch.Tensor | None = None,
+    small_sample: bool = True,
 ) -> PowerLawFit:
-    """argmin-D scan (WeightWatcher's default), optionally over a subset of candidates."""
+    """argmin-D scan (WeightWatcher's default), optionally over a subset of candidates;
+    ``small_sample=False`` keeps the plain MLE on short spectra (the reference tools)."""
     n = x.numel()
     logx = torch.log(x)
-    small = n < SMALL_N_CUTOFF
+    small = small_sample and n < SMALL_N_CUTOFF
     alpha, s = _alphas(logx, small)
     idx = torch.arange(n - 1, device=x.device) if candidates is None else candidates
     if idx.numel() == 0:
@@ -156,30 +197,58 @@ def _fit_median(x: torch.Tensor, all_evals: torch.Tensor) -> PowerLawFit:
     return _result(x, i, float(alpha[i]), D, all_evals)
 
 
-def _fit_peak(x: torch.Tensor, all_evals: torch.Tensor) -> PowerLawFit:
-    """``xmin_peak``: scan only xmin in [0.95 p, 1.5 p], p the left edge of the peak bin of a
-    100-bin histogram of log10(lambda). Both bounds are compared in linear units (the reference
-    tools compare a log10 lower bound with linear eigenvalues, which disables it)."""
+def peak_window(x: torch.Tensor, conv: FitConventions = HTSR) -> tuple[float, float]:
+    """The ``peak`` window ``(lower, upper)`` of the candidate xmin for ascending ``x``.
+
+    ``p`` is the left edge of the peak bin (the first of equal counts) of a 100-bin histogram
+    of ``log10(lambda)``; the window is ``[0.95 p, 1.5 p]``. With ``peak_bound="log10"`` the
+    lower bound is ``log10(0.95 p)`` (the reference tools' unit mix-up): below every eigenvalue
+    when ``p < 1/0.95 = 1.0526`` (no lower bound at all), else a looser bound than 0.95 p.
+    """
+    if conv.float32_window:
+        # As TempBalance/AlphaPruning: float32 log10, torch.histc, linspace bin edges.
+        logx10 = torch.log10(x.detach().to("cpu", torch.float32))
+        lo, hi = logx10.min(), logx10.max()
+        counts = torch.histc(logx10, PEAK_BINS, min=float(lo), max=float(hi))
+        edges = torch.linspace(float(lo), float(hi), PEAK_BINS + 1)
+        p32 = 10 ** edges[int(torch.argmax(counts))]
+        upper = float(PEAK_HIGH * p32)
+        lower = (
+            float(torch.log10(PEAK_LOW * p32))
+            if conv.peak_bound == "log10"
+            else float(PEAK_LOW * p32)
+        )
+        return lower, upper
     logx10 = torch.log10(x).cpu()
-    counts = torch.histc(logx10, bins=100, min=float(logx10[0]), max=float(logx10[-1]))
-    width = (float(logx10[-1]) - float(logx10[0])) / 100
+    counts = torch.histc(logx10, bins=PEAK_BINS, min=float(logx10[0]), max=float(logx10[-1]))
+    width = (float(logx10[-1]) - float(logx10[0])) / PEAK_BINS
     p = 10 ** (float(logx10[0]) + width * int(torch.argmax(counts)))
-    cand = torch.nonzero((x[:-1] >= 0.95 * p) & (x[:-1] <= 1.5 * p)).reshape(-1)
-    return _fit_scan(x, all_evals, cand)
+    lower = math.log10(PEAK_LOW * p) if conv.peak_bound == "log10" else PEAK_LOW * p
+    return lower, PEAK_HIGH * p
 
 
-def _fit_clip_xmax(x: torch.Tensor, all_evals: torch.Tensor) -> PowerLawFit:
+def _fit_peak(x: torch.Tensor, all_evals: torch.Tensor, conv: FitConventions) -> PowerLawFit:
+    """``xmin_peak``: scan only xmin in the :func:`peak_window` (htsr: both bounds in linear
+    units; the reference tools compare a log10 lower bound with linear eigenvalues)."""
+    lower, upper = peak_window(x, conv)
+    cand = torch.nonzero((x[:-1] >= lower) & (x[:-1] <= upper)).reshape(-1)
+    return _fit_scan(x, all_evals, cand, conv.small_sample)
+
+
+def _fit_clip_xmax(
+    x: torch.Tensor, all_evals: torch.Tensor, small_sample: bool = True
+) -> PowerLawFit:
     """WeightWatcher ``fix_fingers='clip_xmax'``: refit without the top k = 2..9 eigenvalues;
     take the first clipped fit whose alpha is more than 1.0 below the raw one, stop early when a
     clipped alpha is <= 2. ``num_fingers`` is the number of eigenvalues clipped (WeightWatcher
     reports k - 1)."""
-    raw = _fit_scan(x, all_evals)
+    raw = _fit_scan(x, all_evals, small_sample=small_sample)
     best, fingers = raw, 0
     if raw.status == "success":
         for k in _CLIP_KS:
             if x.numel() - k < 2:
                 break
-            fit = _fit_scan(x[:-k], all_evals)
+            fit = _fit_scan(x[:-k], all_evals, small_sample=small_sample)
             if fit.status != "success":
                 break
             if fit.alpha + _CLIP_THRESH < raw.alpha:
@@ -191,27 +260,37 @@ def _fit_clip_xmax(x: torch.Tensor, all_evals: torch.Tensor) -> PowerLawFit:
     return best
 
 
-def fit_power_law(evals: torch.Tensor, mode: str = "ww", thresh: float = 1e-5) -> PowerLawFit:
+def fit_power_law(
+    evals: torch.Tensor,
+    mode: str = "ww",
+    thresh: float = 1e-5,
+    conventions: FitConventions = HTSR,
+) -> PowerLawFit:
     """Fit a power law to the tail of an ESD.
 
     Args:
-        evals: eigenvalues, ascending, float64 (any device). Only ``evals > thresh`` are fitted;
+        evals: eigenvalues, ascending, float64 (any device). Only ``evals > thresh`` are fitted
+            (every positive one when ``conventions.filter_evals`` is False);
             ``num_pl_spikes`` counts all of ``evals`` at or above xmin.
         mode: ``ww`` (argmin-D scan), ``median``, ``peak`` or ``clip-xmax``.
         thresh: WeightWatcher's ``EVALS_THRESH``.
+        conventions: htsr's (:data:`HTSR`) or a reference tool's (:data:`REFERENCE`).
 
     Returns:
         A :class:`PowerLawFit`; never raises for a bad spectrum (it reports ``failed``).
     """
     if mode not in FIT_MODES:
         raise ValueError(f"unknown fit mode {mode!r}")
-    x = evals[evals > thresh]
+    if conventions.peak_bound not in PEAK_BOUNDS:
+        raise ValueError(f"unknown peak bound {conventions.peak_bound!r}")
+    cut = thresh if conventions.filter_evals else 0.0
+    x = evals[evals > cut]
     if x.numel() < 2:
-        return PowerLawFit(reason=f"{x.numel()} eigenvalue(s) above {thresh:g}: nothing to fit")
+        return PowerLawFit(reason=f"{x.numel()} eigenvalue(s) above {cut:g}: nothing to fit")
     if mode == "ww":
-        return _fit_scan(x, evals)
+        return _fit_scan(x, evals, small_sample=conventions.small_sample)
     if mode == "median":
         return _fit_median(x, evals)
     if mode == "peak":
-        return _fit_peak(x, evals)
-    return _fit_clip_xmax(x, evals)
+        return _fit_peak(x, evals, conventions)
+    return _fit_clip_xmax(x, evals, conventions.small_sample)
