@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from htsr_cli import defaults
 from htsr_cli.errors import InputError
 from htsr_cli.finetune.run_dir import RunDir
 
@@ -39,7 +40,7 @@ class FinetuneConfig:
     metric: str = "alpha"
     s1: float = 0.5
     s2: float = 1.5
-    fit: str = "median"  # TempBalance's xmin_mid
+    fit: str = defaults.PLAN_FIT  # as allocate and Reallocator: TempBalance's xmin_mid
     track_metric: bool = True
     optimizer: str = "sgd"
     momentum: float = 0.9
