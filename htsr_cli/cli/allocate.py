@@ -21,7 +21,7 @@ _EPILOG = (
     "  htsr allocate report.json --lr 0.1 --scheme sample-normal --seed 7 --all-layers\n\n"
     "Schemes: tb-linear (default), rank, proportional, power:P, log2, softmax, negpow2, "
     "sample-normal, sample-rank, sample-emg; formulas in docs/allocate.md.\n\n"
-    "Exit codes: 0 ok, 2 usage or input error (one line on stderr, no output file)."
+    + options.exit_codes()
 )
 
 
@@ -86,6 +86,7 @@ def allocate_command(
         _ON_THE_FLY + "leave out layers whose name matches this glob (repeatable)."
     ),
     trust_pickle: bool = options.trust_pickle(_ON_THE_FLY),
+    key: Optional[str] = options.key(_ON_THE_FLY),  # noqa: UP045
     preset: Optional[str] = options.preset(  # noqa: UP045
         "tempbalance: TempBalance's analysis and allocation; an analysis SOURCE must have been "
         "made with it. "
@@ -116,5 +117,6 @@ def allocate_command(
         layers=layers,
         exclude=exclude,
         trust_pickle=trust_pickle,
+        key=key,
         preset=preset,
     )

@@ -20,7 +20,8 @@ _EPILOG = (
     "  htsr analyze ./hf-model-dir --layers 'model.layers.*' --metrics alpha,stable_rank\n\n"
     "  htsr analyze model.pt --fail-if 'alpha > 6' --fail-if 'mean(alpha) > 4.5'\n\n"
     "  htsr analyze m.safetensors --format json | htsr allocate - --lr 0.1\n\n"
-    "Exit codes: 0 ok, 1 a --fail-if gate failed, 2 usage or input error."
+    "  htsr analyze model.pt --columns alpha,stable_rank,D --verbose\n\n"
+    + options.exit_codes("a --fail-if gate failed")
 )
 
 
@@ -67,6 +68,7 @@ def analyze_command(
         "\"alpha > 6 on 'encoder.*'\". Exit 1 when any holds. See docs/gates.md.",
     ),
     trust_pickle: bool = options.trust_pickle(),
+    key: Optional[str] = options.key(),  # noqa: UP045
     preset: Optional[str] = options.preset(),  # noqa: UP045
     jobs: Optional[int] = typer.Option(  # noqa: UP045
         None,
@@ -78,6 +80,22 @@ def analyze_command(
     ),
     progress: Optional[bool] = typer.Option(  # noqa: UP045
         None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."
+    ),
+    columns: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--columns",
+        "-c",
+        help="Table only: the columns after the layer name, comma-separated (shape, any "
+        "metric, N, M, Q, rf, num_evals, xmin, xmax, D, sigma, num_pl_spikes, matrix_rank, "
+        "status, warning) or 'all'. Default: name, shape, alpha and as many headline metrics "
+        "as the terminal's width shows without cutting a cell.",
+    ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Table only: every layer's full warning under the table (the '!' column "
+        "shows short flags: U under-trained, O over-trained, S small sample, F fit problem).",
     ),
 ) -> None:
     """Compute the ten HT-SR metrics of every layer of a checkpoint."""
@@ -91,6 +109,8 @@ def analyze_command(
         fmt=fmt,
         output=output,
         progress=progress,
+        columns=columns,
+        verbose=verbose,
         fit=fit,
         metrics=metrics,
         device=device,
@@ -100,6 +120,7 @@ def analyze_command(
         seed=seed,
         fail_if=fail_if,
         trust_pickle=trust_pickle,
+        key=key,
         jobs=jobs,
         preset=preset,
     )

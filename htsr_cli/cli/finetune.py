@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from htsr_cli.cli import options
 from htsr_cli.cli.app import app
 
 _EPILOG = (
@@ -22,8 +23,10 @@ _EPILOG = (
     "--data: digits | cifar10:DIR | cifar100:DIR | FILE.safetensors/.pt/.npz (train_x, train_y, "
     "test_x, test_y). The run directory gets args.json, history.jsonl, model.safetensors, "
     "state.pt and, when done, final.json; docs/finetune.md.\n\n"
-    "Exit codes: 0 ok, 2 usage or input error (one line, before training), 130 interrupted "
-    "(the finished epochs are saved: continue with --resume)."
+    + options.exit_codes(
+        usage="usage or input error (one line, before training)",
+        interrupted="interrupted (the finished epochs are saved: continue with --resume)",
+    )
 )
 
 # typer needs Optional (not X | None) for options; None means "not given", so that --resume can
@@ -165,8 +168,10 @@ def finetune_command(
         help="Live progress bar on stderr (default: when stderr is a terminal).",
     ),
 ) -> None:
-    """Train or finetune a model with per-layer learning rates (a plan, or TempBalance
-    re-allocation every K epochs)."""
+    """Train or finetune a model with per-layer learning rates.
+
+    The rates come from a plan (--lr-plan) or from TempBalance re-allocation every K epochs
+    (--allocate)."""
     from htsr_cli.finetune.api import run_finetune
 
     code = run_finetune(

@@ -18,6 +18,20 @@ FIT_HELP = (
 METRIC_NAMES = ", ".join(METRICS[:-1]) + " or " + METRICS[-1]
 
 
+def exit_codes(
+    gate: str = "never (no gates here)",
+    usage: str = "usage or input error (one line on stderr, nothing written)",
+    interrupted: str = "interrupted (Ctrl-C)",
+) -> str:
+    """The exit-code paragraph of a command's ``--help``: every code htsr uses, with what
+    code 1 (a gate failed), 2 and 130 mean for that command."""
+    return (
+        f"Exit codes: 0 ok, 1 {gate}, 2 {usage}, 3 internal error (a bug; HTSR_DEBUG=1 "
+        f"shows the traceback), 130 {interrupted}, 141 the reader of stdout closed the pipe "
+        "(| head)."
+    )
+
+
 def fit(default: str | None = "ww", when: str = "", note: str = "") -> Any:
     return typer.Option(default, "--fit", help=when + FIT_HELP + (" " + note if note else ""))
 
@@ -43,6 +57,17 @@ def trust_pickle(when: str = "") -> Any:
         "--trust-pickle",
         help=when + "Allow torch files that need arbitrary code to unpickle. "
         "Only for files you trust.",
+    )
+
+
+def key(when: str = "") -> Any:
+    return typer.Option(
+        None,
+        "--key",
+        metavar="PATH",
+        help=when + "Torch files: where the state dict is inside the checkpoint, e.g. ema or "
+        "model/state_dict. Default: found under state_dict, model_state_dict, model, module, "
+        "net, ema (one level down too).",
     )
 
 

@@ -13,8 +13,7 @@ from htsr_cli.cli.app import app
 plot_app = typer.Typer(
     name="plot",
     help="Figures (PNG, SVG or PDF by the -o extension) from checkpoints, analyses, plans "
-    "and finetune runs.\n\nExit codes: 0 ok, 2 usage or input error (one line on stderr, "
-    "no file written).",
+    "and finetune runs.\n\n" + options.exit_codes(),
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -47,6 +46,7 @@ def _notes(notes: list[str], path: Any) -> None:
         "  htsr plot esd model.pt --layer fc --fit median --linear -o fc.svg\n\n"
         "The histogram is the density of the eigenvalues above 1e-5; the line is the fitted "
         "power-law density from xmin, scaled by the tail's share, slope -alpha on log-log axes."
+        "\n\n" + options.exit_codes()
     ),
 )
 def esd_command(
@@ -69,6 +69,7 @@ def esd_command(
     ),
     device: str = options.device(),
     trust_pickle: bool = options.trust_pickle(),
+    key: Optional[str] = options.key(),  # noqa: UP045
     dpi: int = _DPI,
 ) -> None:
     """ESD of layers on log-log axes with the fitted power law, xmin, alpha and D."""
@@ -85,6 +86,7 @@ def esd_command(
             max_layers=max_layers,
             device=device,
             trust_pickle=trust_pickle,
+            key=key,
             dpi=dpi,
             on_progress=bar.callback,
         )
@@ -99,6 +101,7 @@ def esd_command(
         "htsr plot metrics a.json -o alpha.png\n\n"
         "  htsr plot metrics before.json after.json --label before --label after -o alpha.png\n\n"
         "  htsr plot metrics a.json --metric stable_rank -o sr.svg"
+        "\n\n" + options.exit_codes()
     ),
 )
 def metrics_command(
@@ -126,6 +129,7 @@ def metrics_command(
         "  htsr allocate a.json --lr 0.1 -f json -o tb.json && htsr plot lr-plan tb.json -o lr.png"
         "\n\n"
         "  htsr plot lr-plan tb.json sqrt.json log2.json -o lr.pdf"
+        "\n\n" + options.exit_codes()
     ),
 )
 def lr_plan_command(
@@ -152,6 +156,7 @@ def lr_plan_command(
         "  htsr plot prune-plan alpha30.json uniform30.json alpha70.json uniform70.json "
         "-o p.pdf\n\n"
         "Several methods at several sparsities give one panel per sparsity."
+        "\n\n" + options.exit_codes()
     ),
 )
 def prune_plan_command(
@@ -175,6 +180,7 @@ def prune_plan_command(
         "Examples:\n\n"
         "  htsr plot history runs/tb -o tb.png\n\n"
         "  htsr plot history runs/global runs/tb --per-layer --layer 'features.*' -o alpha.png"
+        "\n\n" + options.exit_codes()
     ),
 )
 def history_command(
@@ -218,6 +224,7 @@ def history_command(
         "  htsr plot tradeoff runs/* -o tradeoff.png\n\n"
         "  htsr plot tradeoff runs/uniform-* runs/alpha-* --best -o tradeoff.pdf\n\n"
         "Runs are grouped by the 'method' of their final.json (and by LR mode where that differs)."
+        "\n\n" + options.exit_codes()
     ),
 )
 def tradeoff_command(

@@ -12,7 +12,7 @@ from htsr_cli.cli.app import app
 
 _EPILOG = (
     "Examples:\n\n"
-    "  htsr prune model.safetensors --sparsity 0.5                  # plan only (a table)\n\n"
+    "  htsr prune model.safetensors --sparsity 0.5     # plan only (a table; JSON in a pipe)\n\n"
     "  htsr prune model.safetensors --sparsity 0.5 -o pruned.safetensors   # zero weights\n\n"
     "  htsr prune model.pt --structured --arch resnet18 --sparsity 0.4 -o small.safetensors\n\n"
     "  htsr prune model.pt --structured --arch densenet40 --keep-params 500000 "
@@ -22,8 +22,7 @@ _EPILOG = (
     "  htsr prune m.safetensors --plan plan.json -o pruned.safetensors\n\n"
     "Methods: metric (default; --metric, --more-where, --mapping, --eps), uniform, erk, lamp; "
     "formulas in docs/prune.md. Prunable parameters are the Conv/Linear weights except the "
-    "classifier (and embeddings).\n\n"
-    "Exit codes: 0 ok, 2 usage or input error (one line on stderr, nothing written)."
+    "classifier (and embeddings).\n\n" + options.exit_codes()
 )
 
 
@@ -117,8 +116,11 @@ def prune_command(
     prune_embeddings: bool = typer.Option(
         False, "--prune-embeddings", help="Also prune embedding tables (unstructured)."
     ),
-    fmt: str = typer.Option(
-        "table", "--format", "-f", help="The plan on stdout: table (default) | json."
+    fmt: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--format",
+        "-f",
+        help="The plan on stdout: table | json. Default: a table on a terminal, json in a pipe.",
     ),
     output: Optional[str] = typer.Option(  # noqa: UP045
         None, "--output", "-o", help="Write the pruned checkpoint here (.safetensors, atomically)."

@@ -61,6 +61,21 @@ GEOMETRY_COLUMNS = ("type", "N", "M", "Q", "rf", "num_evals")
 FIT_COLUMNS = ("xmin", "xmax", "D", "sigma", "num_pl_spikes", "matrix_rank", "status", "warning")
 
 
+class Summary(dict):
+    """``Analysis.summary``: a plain dict of metric means, also callable (``summary()``
+    returns itself) so that code written when it was a method keeps working."""
+
+    def __call__(self) -> Summary:
+        return self
+
+
+#: htsr column -> WeightWatcher's name for it, where the two differ (``to_pandas``); the
+#: metrics and N, M, Q, rf, num_evals, xmin, xmax, D, sigma, ... already share its names.
+WW_COLUMNS = {"type": "layer_type"}
+#: htsr's layer kinds as WeightWatcher's ``layer_type`` values.
+WW_LAYER_TYPES = {"linear": "dense", "conv1d": "conv1d", "conv2d": "conv2d"}
+
+
 @dataclass
 class Analysis:
     """The result of :func:`analyze`; ``to_dict()`` is the ``htsr.analysis/1`` document."""
@@ -69,22 +84,26 @@ class Analysis:
     options: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
-    gates: list[GateResult] = field(default_factory=list)
+    #: ``--fail-if`` results as plain dicts, like ``layers`` (``GateResult.to_dict()``:
+    #: gate, passed, value, offending, message, ...).
+    gates: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     #: layer name -> ascending eigenvalues (CPU, float64), only with ``keep_spectra=True``.
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
-    def failed_gates(self) -> list[GateResult]:
-        return [g for g in self.gates if not g.passed]
+    def failed_gates(self) -> list[dict[str, Any]]:
+        return [g for g in self.gates if not g["passed"]]
 
     @property
     def metrics(self) -> list[str]:
         return list(self.options["metrics"])
 
-    def summary(self) -> dict[str, float | None]:
-        """Mean of each computed metric over the layers where it is finite."""
-        out: dict[str, float | None] = {}
+    @property
+    def summary(self) -> Summary:
+        """Mean of each computed metric over the layers where it is finite (None when none):
+        the document's ``summary``. Data, like ``layers``; ``summary()`` still works."""
+        out = Summary()
         for m in self.metrics:
             vals = [
                 v
@@ -94,17 +113,41 @@ class Analysis:
             out[m] = sum(vals) / len(vals) if vals else None
         return out
 
+    def to_pandas(self) -> Any:
+        """The layers as a ``pandas.DataFrame``, one row per layer, with WeightWatcher's
+        column names where one exists (``layer_id``, ``name``, ``alpha``, ``stable_rank``,
+        ... as ``ww.WeightWatcher().analyze()`` returns them) so that notebooks written for
+        WeightWatcher keep working; every other column keeps its htsr name.
+
+        Raises:
+            ImportError: pandas is not installed (``pip install pandas``).
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError(
+                "Analysis.to_pandas() needs pandas, which is not installed: pip install pandas"
+            ) from None
+        rows = []
+        for i, row in enumerate(self.layers):
+            out = {"layer_id": i, "name": row["name"], "longname": row["name"]}
+            out.update({WW_COLUMNS.get(k, k): v for k, v in row.items() if k != "name"})
+            if "layer_type" in out:
+                out["layer_type"] = WW_LAYER_TYPES.get(out["layer_type"], out["layer_type"])
+            rows.append(out)
+        return pd.DataFrame(rows)
+
     def to_dict(self) -> dict[str, Any]:
         doc = {
             "schema": SCHEMA,
             "source": self.source,
             "options": self.options,
-            "summary": self.summary(),
+            "summary": dict(self.summary),
             "layers": self.layers,
             "skipped": self.skipped,
         }
         if self.gates:
-            doc["gates"] = [g.to_dict() for g in self.gates]
+            doc["gates"] = self.gates
         return jsonable(doc)
 
 
@@ -266,6 +309,7 @@ def analyze(
     min_evals: int | None = None,
     seed: int = DEFAULT_SEED,
     trust_pickle: bool = False,
+    key: str | None = None,
     fail_if: Sequence[str] = (),
     keep_spectra: bool = False,
     jobs: int | None = None,
@@ -281,7 +325,8 @@ def analyze(
         fit: power-law fit mode, one of ``ww`` (the default), ``median``, ``peak``,
             ``clip-xmax``.
         metrics: a subset of the ten metrics (list or comma-separated); None for all.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``auto`` and ``cuda`` mean the GPU
+            of ``LOCAL_RANK`` under torchrun).
         layers, exclude: fnmatch globs on layer names (state-dict key without ``.weight``).
         min_evals: layers with fewer pooled eigenvalues are skipped (listed in ``skipped``);
             default 8.

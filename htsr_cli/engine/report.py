@@ -9,18 +9,21 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from htsr_cli.engine.analysis import SCHEMA, Analysis, analyze
+from htsr_cli.engine.analysis import SCHEMA, Analysis, analyze, parse_metrics
+from htsr_cli.engine.columns import ALPHA_HIGH, ALPHA_LOW, NUMERIC_COLUMNS
+from htsr_cli.errors import InputError
 from htsr_cli.io.output import check_writable, dump_json, jsonable, open_output
 from htsr_cli.io.output import choose_format as output_format
-from htsr_cli.io.terminal import ProgressBar, printable
+from htsr_cli.io.terminal import ProgressBar, printable, styled
 
 FORMATS = ("table", "json", "csv", "ndjson")
 
@@ -79,63 +82,223 @@ def _fmt(v: Any) -> str:
 
 _SHORT = {
     "rand_distance": "rand_dist",
-    "stable_rank": "stable_rank",
     "log_spectral_norm": "log_spec_norm",
     "spectral_norm": "spec_norm",
     "alpha_weighted": "alpha_w",
-    "log_alpha_norm": "log_alpha_norm",
+}
+
+#: Table columns in the order a narrow terminal gives them up last: ``name``, ``shape`` and
+#: ``alpha`` always show; then the headline metrics; the rest when the width allows.
+TABLE_PRIORITY = (
+    "shape",
+    "alpha",
+    "alpha_weighted",
+    "stable_rank",
+    "log_spectral_norm",
+    "entropy",
+    "rand_distance",
+    "log_norm",
+    "log_alpha_norm",
+    "norm",
+    "spectral_norm",
+    "D",
+    "num_evals",
+)
+#: Columns every terminal gets (when computed), whatever its width.
+TABLE_ALWAYS = ("shape", "alpha")
+
+#: The warning flags: a short code in the ``!`` column, explained under the table.
+FLAGS = {
+    "U": "under-trained (alpha > 6)",
+    "O": "over-trained (alpha < 2)",
+    "S": "small sample (fewer than 50 eigenvalues in the fit)",
+    "F": "the fit has a problem (see --verbose)",
 }
 
 
-def render_table(analysis: Analysis, console: Console) -> None:
-    """A rich table: one row per layer, the metric means, then the skipped layers."""
-    src = analysis.source.get("path") or "(in memory)"
+def warning_flags(warning: str) -> str:
+    """The short codes of a layer's ``warning`` text (see :data:`FLAGS`): ``U``, ``O``, ``S``
+    for the three known notes, ``F`` for anything else (a failed or doubtful fit)."""
+    codes = []
+    for note in (n.strip() for n in (warning or "").split(";")):
+        if not note:
+            continue
+        code = (
+            "U"
+            if note == "under-trained"
+            else "O"
+            if note == "over-trained"
+            else "S"
+            if note.startswith("small sample")
+            else "F"
+        )
+        if code not in codes:
+            codes.append(code)
+    return "".join(sorted(codes, key=list(FLAGS).index))
+
+
+def table_columns(metrics: Sequence[str]) -> list[str]:
+    """Every column ``--columns`` accepts for an analysis of ``metrics``: ``shape``, the
+    metrics, the other per-layer values, ``status`` and ``warning`` (``name`` is always the
+    first column)."""
+    return ["shape", *metrics, *NUMERIC_COLUMNS, "status", "warning"]
+
+
+def parse_columns(spec: str | Sequence[str] | None, metrics: Sequence[str]) -> list[str] | None:
+    """``--columns`` (comma-separated or a list) checked against :func:`table_columns`;
+    ``all`` is every column; None when not given."""
+    if spec is None:
+        return None
+    names = [c.strip() for c in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [c for c in names if c and c != "name"]
+    known = table_columns(metrics)
+    if names == ["all"]:
+        return known
+    unknown = [c for c in names if c not in known]
+    if unknown or not names:
+        raise InputError(
+            f"unknown --columns {', '.join(unknown) or '(none given)'}; choose from name, "
+            f"{', '.join(known)} or all"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _cell(row: dict[str, Any], col: str) -> Text:
+    if col == "shape":
+        rf = f"·{row['rf']}" if row.get("rf", 1) != 1 else ""
+        return Text(f"{row['N']}×{row['M']}{rf}")
+    if col == "warning":
+        return Text(printable(row.get("warning") or ""), style="dim")
+    v = row.get(col)
+    text = Text(printable(_fmt(v)))
+    if col == "alpha" and isinstance(v, float) and math.isfinite(v):
+        text.stylize("red" if v < ALPHA_LOW else ("yellow" if v > ALPHA_HIGH else "green"))
+    return text
+
+
+def _build_table(analysis: Analysis, cols: Sequence[str], flags: bool) -> Table:
+    src = printable(analysis.source.get("path") or "(in memory)")
     opts = analysis.options
     table = Table(
-        title=f"{src}  fit={opts['fit']}  device={opts['device']}  "
-        f"{len(analysis.layers)} layers  {analysis.seconds:.1f}s",
+        title=Text(
+            f"{src}  fit={printable(opts['fit'])}  {len(analysis.layers)} layers  "
+            f"{analysis.seconds:.1f}s"
+        ),
         title_justify="left",
-        show_lines=False,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
         header_style="bold",
+        show_edge=False,
     )
-    table.add_column(
-        "layer", no_wrap=True, min_width=max((len(r["name"]) for r in analysis.layers), default=5)
-    )
-    table.add_column("N×M·rf", justify="right")
-    for m in analysis.metrics:
-        table.add_column(_SHORT.get(m, m), justify="right")
-    table.add_column("D", justify="right")
-    table.add_column("warning", overflow="fold", style="dim")
+    table.add_column("layer", overflow="fold")
+    for c in cols:
+        if c == "warning":
+            table.add_column("warning", overflow="fold")
+        else:
+            table.add_column(_SHORT.get(c, c), justify="right", no_wrap=True)
+    if flags:
+        table.add_column("!", no_wrap=True, style="yellow")
     for row in analysis.layers:
-        cells = [row["name"], f"{row['N']}×{row['M']}·{row['rf']}"]
-        for m in analysis.metrics:
-            text = _fmt(row.get(m))
-            if m == "alpha" and row.get(m) is not None and not math.isnan(row[m]):
-                style = "red" if row[m] < 2 else ("yellow" if row[m] > 6 else "green")
-                text = f"[{style}]{text}[/]"
-            cells.append(text)
-        cells += [_fmt(row.get("D")), row.get("warning", "")]
+        cells = [Text(printable(row["name"]))] + [_cell(row, c) for c in cols]
+        if flags:
+            cells.append(Text(warning_flags(row.get("warning", ""))))
         table.add_row(*cells)
-    summary = analysis.summary()
+    summary = analysis.summary
+    means = [Text(_fmt(summary[c]) if c in summary else "") for c in cols]  # the metric means only
     table.add_section()
-    table.add_row("[bold]mean[/]", "", *[_fmt(summary[m]) for m in analysis.metrics], "", "")
-    console.print(table)
+    table.add_row(Text("mean", style="bold"), *means, *([Text("")] if flags else []))
+    return table
+
+
+def choose_table_columns(analysis: Analysis, width: int, console: Console) -> list[str]:
+    """The columns that fit ``width``: :data:`TABLE_ALWAYS`, then :data:`TABLE_PRIORITY` in
+    order while the table, as wide as its widest cell, still fits (no cell is ever cut)."""
+    computed = set(analysis.metrics) | {"shape", "D", "num_evals"}
+    wanted = [c for c in TABLE_PRIORITY if c in computed]
+    cols = [c for c in wanted if c in TABLE_ALWAYS]
+    flags = any(row.get("warning") for row in analysis.layers)
+    unbounded = console.options.update_width(100_000)  # a measure capped at the width fits all
+
+    def natural_width(trial: list[str]) -> int:
+        return console.measure(_build_table(analysis, trial, flags), options=unbounded).maximum
+
+    for c in wanted:
+        if c in cols:
+            continue
+        trial = [x for x in wanted if x in cols or x == c]
+        if natural_width(trial) > width:
+            break
+        cols = trial
+    return cols
+
+
+def render_table(
+    analysis: Analysis,
+    console: Console,
+    *,
+    columns: Sequence[str] | None = None,
+    verbose: bool = False,
+) -> None:
+    """A table that fits the console: one row per layer, the metric means, then what the
+    ``!`` flags mean (every layer's warning in full with ``verbose``) and the skipped layers.
+
+    Args:
+        columns: the columns after ``layer`` (see :func:`table_columns`); None chooses them by
+            the console's width (:func:`choose_table_columns`).
+        verbose: list every layer's full warning under the table.
+    """
+    if columns is None:
+        cols = choose_table_columns(analysis, console.width, console)
+    else:
+        cols = list(columns)
+    warned = [row for row in analysis.layers if row.get("warning")]
+    flags = bool(warned) and "warning" not in cols
+    console.print(_build_table(analysis, cols, flags))
+    if flags:
+        counts: dict[str, int] = {}
+        for row in warned:
+            for code in warning_flags(row["warning"]):
+                counts[code] = counts.get(code, 0) + 1
+        for code, n in counts.items():
+            console.print(
+                Text(f"! {code}  {FLAGS[code]}: {n} layer{'s' if n != 1 else ''}"),
+                soft_wrap=True,
+            )
+    if verbose:
+        for row in warned:
+            console.print(
+                Text(f"{printable(row['name'])}: {printable(row['warning'])}"), soft_wrap=True
+            )
+    elif flags:
+        console.print(Text("--verbose lists every layer's warning", style="dim"))
     for rec in analysis.skipped:
-        console.print(f"[dim]skipped[/] {rec['name']}: {rec['reason']}")
+        console.print(
+            Text("skipped ", style="dim")
+            + Text(f"{printable(rec['name'])}: {printable(rec['reason'])}"),
+            soft_wrap=True,
+        )
 
 
-def write_table(analysis: Analysis, fh: TextIO, terminal: bool) -> None:
-    """The table; styled only on a terminal without ``NO_COLOR`` (then plain text), and as
-    wide as it needs off a terminal (no terminal width to respect there)."""
-    styled = terminal and not os.environ.get("NO_COLOR")  # no-color.org: set and non-empty
+def write_table(
+    analysis: Analysis,
+    fh: TextIO,
+    terminal: bool,
+    *,
+    columns: Sequence[str] | None = None,
+    verbose: bool = False,
+) -> None:
+    """The table; styled only on a terminal without ``NO_COLOR`` (then plain text). On a
+    terminal it fits the terminal's width (``COLUMNS`` when set); off a terminal there is no
+    width to respect, so every column shows."""
+    color = styled(terminal)
     console = Console(
         file=fh,
-        force_terminal=styled,
-        no_color=not styled,
+        force_terminal=color,
+        no_color=not color,
         highlight=False,
         width=None if terminal else 400,
     )
-    render_table(analysis, console)
+    render_table(analysis, console, columns=columns, verbose=verbose)
 
 
 def run_analysis(
@@ -145,6 +308,8 @@ def run_analysis(
     output: str | None = None,
     progress: bool | None = None,
     stderr: Console | None = None,
+    columns: str | Sequence[str] | None = None,
+    verbose: bool = False,
     **options: Any,
 ) -> Analysis:
     """Analyse ``source`` (see :func:`analyze` for ``options``), write the result and print
@@ -157,6 +322,9 @@ def run_analysis(
         output: a file path (written atomically), ``-`` or None for stdout.
         progress: show a progress bar on stderr; None means only when stderr is a terminal.
         stderr: console for progress and notes (defaults to sys.stderr).
+        columns: the table's columns (``--columns``, see :func:`table_columns`); None fits
+            them to the terminal.
+        verbose: list every layer's full warning under the table.
     """
     err = stderr or Console(stderr=True, highlight=False)
     if source is None:
@@ -164,6 +332,7 @@ def run_analysis(
 
         source = str(default_checkpoint())
     fmt = choose_format(fmt, output, sys.stdout.isatty())
+    table_cols = parse_columns(columns, parse_metrics(options.get("metrics")))
     check_writable(output, [source])
     with open_output(output) as fh:
         on_layer: Callable[[dict[str, Any]], None] | None = None
@@ -182,7 +351,8 @@ def run_analysis(
         elif fmt == "csv":
             write_csv(result, fh)
         else:
-            write_table(result, fh, (output is None or output == "-") and sys.stdout.isatty())
+            terminal = (output is None or output == "-") and sys.stdout.isatty()
+            write_table(result, fh, terminal, columns=table_cols, verbose=verbose)
     print_gates(result.gates, err)
     return result
 
@@ -192,15 +362,27 @@ def print_gates(results: Sequence[Any], console: Console) -> None:
     from rich.text import Text
 
     for g in results:
-        style = "green" if g.passed else "red"
-        console.print(Text(printable(g.message), style=style), soft_wrap=True)
-        for w in g.warnings:  # a glob that matches no layer (docs/gates.md)
+        # Analysis.gates holds plain dicts; the gate evaluator returns GateResult objects.
+        passed, message = (
+            (g["passed"], g["message"]) if isinstance(g, dict) else (g.passed, g.message)
+        )
+        style = "green" if passed else "red"
+        console.print(Text(printable(message), style=style), soft_wrap=True)
+        warnings = g.get("warnings", []) if isinstance(g, dict) else g.warnings
+        for w in warnings:  # a glob that matches no layer (docs/gates.md)
             console.print(Text(f"htsr: warning: {printable(w)}"), soft_wrap=True)
 
 
 __all__ = [
+    "FLAGS",
     "FORMATS",
     "SCHEMA",
+    "TABLE_PRIORITY",
+    "choose_table_columns",
+    "parse_columns",
+    "render_table",
+    "table_columns",
+    "warning_flags",
     "choose_format",
     "run_analysis",
     "print_gates",

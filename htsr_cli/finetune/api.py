@@ -12,13 +12,13 @@ the weights of an uninterrupted one.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from htsr_cli.engine.distributed import torchrun
 from htsr_cli.errors import InputError
 from htsr_cli.finetune.config import (
     AUGMENTS,
@@ -118,23 +118,10 @@ def launch(
         config = stored_config(config)
     setup = prepare(config, resume=resume, world=nproc)
     setup.run.write_args(config.to_dict())  # the workers read their arguments from it
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "htsr_cli",
-        "finetune",
-        "--resume",
-        str(setup.run.path),
-    ]
+    argv = ["finetune", "--resume", str(setup.run.path)]
     if stop_after is not None:
-        cmd += ["--stop-after", str(stop_after)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores
-    return subprocess.call(cmd, env=env)
+        argv += ["--stop-after", str(stop_after)]
+    return torchrun(argv, nproc, threads=1)  # the one launcher, shared with htsr analyze
 
 
 def run_finetune(
@@ -149,7 +136,7 @@ def run_finetune(
     with ``resume``), train here or hand over to torchrun, and print the summary on stdout
     (JSON when stdout is not a terminal). Returns the exit status."""
 
-    from htsr_cli.io.output import dump_json
+    from htsr_cli.io.output import dump_json, open_output
 
     given = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
@@ -166,17 +153,31 @@ def run_finetune(
         return launch(config, nproc_per_node, resume=resume is not None, stop_after=stop_after)
     doc = finetune(config, resume=resume is not None, stop_after=stop_after, progress=progress)
     if dist_env()[1] == 0:
-        if sys.stdout.isatty():
-            acc = doc["test_acc"]
-            sys.stdout.write(
-                f"{doc['label']}: test accuracy {acc if acc is None else f'{acc:.4f}'}"
-                f" (best {doc['best_test_acc']:.4f}) after {doc['epochs']} epochs, "
-                f"{doc['params']} nonzero parameters; run directory "
-                f"{config.output}\n"
+        done, total = doc["epochs"], config.epochs
+        if stop_after is not None and done < total:
+            sys.stderr.write(
+                f"htsr: stopped after epoch {done} of {total} (--stop-after); "
+                f"{plural(done, 'finished epoch')} saved in {config.output}; continue with: "
+                f"htsr finetune --resume {config.output}\n"
             )
-        else:
-            dump_json(doc, sys.stdout)
+        # open_output turns a closed pipe (| head, | true) into exit 141, as every command.
+        with open_output(None) as out:
+            if sys.stdout.isatty():
+                acc = doc["test_acc"]
+                out.write(
+                    f"{doc['label']}: test accuracy {acc if acc is None else f'{acc:.4f}'}"
+                    f" (best {doc['best_test_acc']:.4f}) after {plural(done, 'epoch')}, "
+                    f"{doc['params']} nonzero parameters; run directory "
+                    f"{config.output}\n"
+                )
+            else:
+                dump_json(doc, out)
     return 0
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 __all__ = [

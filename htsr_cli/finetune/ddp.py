@@ -7,20 +7,12 @@ re-allocations and writes the run directory (docs/finetune.md, "Many processes")
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
-
-def dist_env() -> tuple[int, int, int]:
-    """``(world_size, rank, local_rank)`` from torchrun's environment; (1, 0, 0) without it."""
-    return (
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
+from htsr_cli.engine.distributed import dist_env  # one reading of torchrun's environment
 
 
 def broadcast(obj: Any, world: int) -> Any:

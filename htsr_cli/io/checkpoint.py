@@ -36,6 +36,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,11 +48,36 @@ from safetensors import safe_open
 from htsr_cli.errors import InputError, one_line
 from htsr_cli.io import digest, schemas
 from htsr_cli.io.output import open_output
+from htsr_cli.io.terminal import printable
 
-__all__ = ["Checkpoint", "TensorRef", "open_checkpoint"]
+__all__ = [
+    "STATE_KEYS",
+    "Checkpoint",
+    "TensorRef",
+    "find_state_dict",
+    "hf_cache_dirs",
+    "open_checkpoint",
+    "resolve_hf_id",
+]
 
 _TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
-_STATE_KEYS = ("state_dict", "model", "module")
+#: Where people keep the state dict in a training checkpoint, in the order tried: the
+#: model's own weights before an EMA copy (PyTorch's tutorial, Lightning, timm, DDP wrappers).
+STATE_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "ema",
+    "model_ema",
+    "state_dict_ema",
+    "ema_state_dict",
+)
+#: Top-level keys that mark a PyTorch Lightning checkpoint (its state dict keys carry the
+#: LightningModule's attribute name, ``model.``).
+_LIGHTNING_MARKERS = ("pytorch-lightning_version", "lightning_version")
 _EXPECTED = "expected .safetensors, .pt/.pth/.bin/.ckpt or a Hugging Face model directory"
 _DIR_EXPECTED = (
     "expected model.safetensors, model.safetensors.index.json, *.safetensors, "
@@ -252,8 +278,9 @@ def _tensor_items(obj: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def _load_torch(file: str, trust_pickle: bool) -> _DictShard:
-    """torch.load a file lazily (mmap for zip files) and locate its state dict."""
+def _load_torch(file: str, trust_pickle: bool, key: str | None = None) -> _DictShard:
+    """torch.load a file lazily (mmap for zip files) and locate its state dict (see
+    :func:`find_state_dict`)."""
     try:
         with open(file, "rb") as fh:
             head = fh.read(4)
@@ -278,16 +305,84 @@ def _load_torch(file: str, trust_pickle: bool) -> _DictShard:
         ) from None
     except Exception as exc:  # RuntimeError, EOFError, zipfile/pickle errors, ... on bad files
         raise InputError(f"cannot load {file} (corrupt or truncated?): {one_line(exc)}") from None
-    # A state dict nested under a conventional key wins over stray top-level tensors.
+    return _DictShard(find_state_dict(obj, file, key), file)
+
+
+def _keys_seen(obj: Any) -> str:
+    if not isinstance(obj, Mapping):
+        return f"it holds a {type(obj).__name__}, not a dict"
+    keys = [printable(k) for k in obj if isinstance(k, str)]
+    shown = ", ".join(keys[:12]) + (f", ... (+{len(keys) - 12} more)" if len(keys) > 12 else "")
+    return f"top-level keys: {shown or '(none)'}"
+
+
+def _lookup(obj: Any, path: str) -> Any:
+    """``obj[path]``, else the path split on ``/`` (then on ``.``) walked one key at a time;
+    None when it leads nowhere."""
+    if isinstance(obj, Mapping) and path in obj:
+        return obj[path]
+    for sep in ("/", "."):
+        if sep not in path:
+            continue
+        node = obj
+        for part in path.split(sep):
+            if not isinstance(node, Mapping) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is not None:
+            return node
+    return None
+
+
+def find_state_dict(obj: Any, file: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded torch file: under ``key`` when given (``a/b`` or
+    ``a.b`` for a nested one); else under the first of :data:`STATE_KEYS` that holds tensors,
+    at the top level, then one level down (``{"ema": {"module": ...}}``,
+    ``{"checkpoint": {"model": ...}}``); else the top level's tensors; else the one
+    top-level entry that is a state dict (``{"epoch": 3, "weights": {...}}``). A
+    Lightning checkpoint's ``model.`` prefix is dropped when every key carries it.
+
+    Raises:
+        InputError: nothing found; the message lists the top-level keys seen.
+    """
+    if key is not None:
+        tensors = _tensor_items(_lookup(obj, key))
+        if not tensors:
+            raise InputError(f"--key {key!r}: no tensors there in {file} ({_keys_seen(obj)})")
+        return tensors
+    tensors: dict[str, torch.Tensor] = {}
     if isinstance(obj, Mapping):
-        for name in _STATE_KEYS:
-            if tensors := _tensor_items(obj.get(name)):
-                return _DictShard(tensors, file)
-    if tensors := _tensor_items(obj):
-        return _DictShard(tensors, file)
-    raise InputError(
-        f"{file} holds no tensors at its top level or under 'state_dict', 'model' or 'module'"
-    )
+        # A state dict nested under a conventional key wins over stray top-level tensors.
+        # First a conventional key at the top, then one under any top-level dict.
+        places = [obj.get(name) for name in STATE_KEYS]
+        places += [
+            v.get(name) for v in obj.values() if isinstance(v, Mapping) for name in STATE_KEYS
+        ]
+        tensors = next((t for p in places if (t := _tensor_items(p))), {})
+        if tensors and any(m in obj for m in _LIGHTNING_MARKERS):
+            stripped = {k.removeprefix("model."): v for k, v in tensors.items()}
+            if all(k.startswith("model.") for k in tensors) and len(stripped) == len(tensors):
+                tensors = stripped
+    if not tensors:
+        tensors = _tensor_items(obj)
+    if not tensors and isinstance(obj, Mapping):
+        # {"epoch": 3, "weights": {...}}: the one top-level entry that is a state dict.
+        holders = [k for k, v in obj.items() if isinstance(k, str) and _tensor_items(v)]
+        if len(holders) > 1:
+            raise InputError(
+                f"{file} holds several state dicts ({', '.join(map(printable, holders))}); "
+                "name the one to read with --key"
+            )
+        if holders:
+            tensors = _tensor_items(obj[holders[0]])
+    if not tensors:
+        raise InputError(
+            f"{file} holds no state dict: no tensors at its top level or under "
+            f"{', '.join(STATE_KEYS)} (at the top or one level down); {_keys_seen(obj)}; "
+            "name the one to read with --key"
+        )
+    return tensors
 
 
 def strip_ddp_prefix(keys: list[str]) -> list[str]:
@@ -312,6 +407,7 @@ class Checkpoint:
         extra_files: list[str] | None = None,
         memory: _DictShard | None = None,
         trust_pickle: bool = False,
+        key: str | None = None,
     ) -> None:
         self.path = path
         self.format = fmt
@@ -319,6 +415,7 @@ class Checkpoint:
         self._index = index  # original key -> shard file, in index order
         self._hash_paths = (extra_files or []) + self._shard_files
         self._trust_pickle = trust_pickle
+        self._key = key  # where the state dict lives inside a torch file (--key)
         self._open: dict[str | None, _SafetensorsShard | _DictShard] = {}
         if memory is not None:
             self._open[None] = memory
@@ -331,7 +428,7 @@ class Checkpoint:
             if file.endswith(".safetensors"):
                 self._open[file] = _SafetensorsShard(file)
             else:
-                self._open[file] = _load_torch(file, self._trust_pickle)
+                self._open[file] = _load_torch(file, self._trust_pickle, self._key)
         return self._open[file]
 
     def metadata(self) -> dict[str, str]:
@@ -486,16 +583,82 @@ def _open_dir(directory: str, trust_pickle: bool) -> Checkpoint:
     raise InputError(f"no checkpoint found in directory {directory} ({_DIR_EXPECTED})")
 
 
-def open_checkpoint(source: Any, *, trust_pickle: bool = False) -> Checkpoint:
-    """Open ``source`` (path, state dict or ``nn.Module``) without loading tensor data.
+#: A Hugging Face model id, ``org/name`` with an optional ``@revision``.
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def hf_cache_dirs() -> list[str]:
+    """Where the Hugging Face hub cache may be, in the order ``huggingface_hub`` uses:
+    ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub`` (the legacy ``HUGGINGFACE_HUB_CACHE`` too)."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE"):
+        return [env["HF_HUB_CACHE"]]
+    if env.get("HUGGINGFACE_HUB_CACHE"):
+        return [env["HUGGINGFACE_HUB_CACHE"]]
+    if env.get("HF_HOME"):
+        return [os.path.join(env["HF_HOME"], "hub")]
+    xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(xdg, "huggingface", "hub")]
+
+
+def resolve_hf_id(model_id: str) -> str:
+    """The snapshot directory of a Hugging Face model id (``org/name`` or
+    ``org/name@revision``) in the local hub cache, without network: the hub's layout is
+    ``models--org--name/refs/<revision>`` (a commit hash) and ``.../snapshots/<hash>/``.
+    The revision defaults to ``main``; a commit hash names a snapshot directly.
+
+    Raises:
+        InputError: not in the cache; the message says where it looked.
+    """
+    repo, _, rev = model_id.partition("@")
+    rev = rev or "main"
+    folder = "models--" + repo.replace("/", "--")
+    looked = []
+    for cache in hf_cache_dirs():
+        root = os.path.join(cache, folder)
+        looked.append(root)
+        if not os.path.isdir(root):
+            continue
+        commit = rev
+        ref = os.path.join(root, "refs", rev)
+        if os.path.isfile(ref):
+            with open(ref, encoding="utf-8") as fh:
+                commit = fh.read().strip()
+        snapshot = os.path.join(root, "snapshots", commit)
+        if commit and os.path.isdir(snapshot):
+            return snapshot
+        snapshots = os.path.join(root, "snapshots")
+        have = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
+        raise InputError(
+            f"{model_id}: the Hugging Face cache has {root} but no snapshot for revision "
+            f"{rev!r} (snapshots: {', '.join(have) or 'none'})"
+        )
+    raise InputError(
+        f"{model_id} is not a file or directory, nor in the Hugging Face cache (looked in "
+        f"{', '.join(looked)}; set HF_HOME or HF_HUB_CACHE, or download it first, e.g. "
+        f"huggingface-cli download {repo})"
+    )
+
+
+def open_checkpoint(
+    source: Any, *, trust_pickle: bool = False, key: str | None = None
+) -> Checkpoint:
+    """Open ``source`` (path, Hugging Face model id, state dict or ``nn.Module``) without
+    loading tensor data.
 
     ``trust_pickle=True`` unpickles torch files with ``weights_only=False``, which can run
-    arbitrary code; only use it for files from a trusted source.
+    arbitrary code; only use it for files from a trusted source. ``key`` names where the
+    state dict lives inside a torch file or an in-memory dict (``--key``, see
+    :func:`find_state_dict`); by default it is found under the usual keys. A path that does
+    not exist and reads ``org/name`` is looked up in the local Hugging Face cache
+    (:func:`resolve_hf_id`).
     """
     if isinstance(source, torch.nn.Module):
         return Checkpoint(None, "module", memory=_DictShard(source.state_dict(), None))
     if isinstance(source, Mapping):
-        return Checkpoint(None, "state_dict", memory=_DictShard(_tensor_items(source), None))
+        tensors = find_state_dict(source, "the state dict", key) if source else {}
+        return Checkpoint(None, "state_dict", memory=_DictShard(tensors, None))
     if not isinstance(source, str | os.PathLike):
         raise InputError(
             f"cannot open a checkpoint from a {type(source).__name__}; "
@@ -503,18 +666,28 @@ def open_checkpoint(source: Any, *, trust_pickle: bool = False) -> Checkpoint:
         )
     path = os.fspath(source)
     if not os.path.exists(path):
-        raise InputError(f"{path} does not exist; check the checkpoint path")
+        if _HF_ID.match(path):
+            path = resolve_hf_id(path)
+        else:
+            raise InputError(f"{path} does not exist; check the checkpoint path")
     if os.path.isdir(path):
         ckpt = _open_dir(path, trust_pickle)
     else:
         name = os.path.basename(path).lower()
         if name.endswith(".index.json"):
-            return _from_index(path, path, trust_pickle)
-        if name.endswith(".safetensors"):
+            ckpt = _from_index(path, path, trust_pickle)
+        elif name.endswith(".safetensors"):
             ckpt = Checkpoint(path, "safetensors", shards=[path])
         elif name.endswith(_TORCH_EXTS):
-            ckpt = Checkpoint(path, "torch", shards=[path], trust_pickle=trust_pickle)
+            ckpt = Checkpoint(path, "torch", shards=[path], trust_pickle=trust_pickle, key=key)
         else:
             raise InputError(f"unknown checkpoint format for {path} ({_EXPECTED})")
+    if key is not None:
+        if ckpt.format.startswith("safetensors"):
+            raise InputError(
+                f"--key {key!r}: {path} is safetensors, a flat state dict with nothing to pick"
+            )
+        ckpt._key = key
+    if not os.path.isdir(path) and not name.endswith(".index.json"):
         ckpt._shard(path)  # a single file is cheap to open: report corrupt input right away
     return ckpt

@@ -19,6 +19,8 @@ PRUNED_CHECKPOINT = "htsr.pruned-checkpoint/1"
 RUN = "htsr.run/1"
 #: A finetune run's args.json.
 RUN_ARGS = "htsr.run-args/1"
+#: ``htsr models --format json``: the model zoo.
+MODELS = "htsr.models/1"
 
 #: safetensors metadata: the state dict's key (model) order, a JSON list.
 KEY_ORDER_META = "htsr.key_order"

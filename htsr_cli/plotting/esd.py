@@ -211,6 +211,7 @@ def plot_esd(
     max_layers: int = DEFAULT_MAX_LAYERS,
     device: str = "auto",
     trust_pickle: bool = False,
+    key: str | None = None,
     dpi: float = DEFAULT_DPI,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> ESDPlot:
@@ -222,6 +223,8 @@ def plot_esd(
         output: ``.png``, ``.svg`` or ``.pdf`` path, written atomically.
         layers: fnmatch globs on layer names; each must match at least one layer.
         fit: the power-law fit mode (``ww``, ``median``, ``peak``, ``clip-xmax``).
+        key: where the state dict is inside a torch file (see
+            :func:`~htsr_cli.io.checkpoint.find_state_dict`).
         linear: linear axes and bins instead of log-log.
         max_layers: at most this many panels (the first matching layers, in model order).
 
@@ -238,7 +241,7 @@ def plot_esd(
             f"{source}: plot esd needs a checkpoint (an analysis JSON holds no eigenvalues)"
         )
     notes: list[str] = []
-    ckpt = open_checkpoint(source, trust_pickle=trust_pickle)
+    ckpt = open_checkpoint(source, trust_pickle=trust_pickle, key=key)
     try:
         available = [r.key[: -len(".weight")] for r in layer_refs(ckpt)]
         chosen = select_layers(available, layers)

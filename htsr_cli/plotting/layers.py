@@ -59,6 +59,8 @@ class LayerPlot:
     layers: list[str]
     series: list[LayerSeries]
     notes: list[str] = field(default_factory=list)
+    #: The matplotlib ``Figure`` as saved, for a caller that inspects or redraws it.
+    figure: Any = None
 
 
 def _positions(names: Sequence[str], order: Sequence[str]) -> np.ndarray:
@@ -175,14 +177,15 @@ def plot_metrics(
                     label=text,
                 )
     layer_axis(ax, order, width - 1.2)
-    ax.set_ylabel("α (power-law exponent of the ESD tail)" if metric == "alpha" else metric)
+    # Short: the axis shrinks as rotated layer names grow, and a longer label was cut off.
+    ax.set_ylabel("α (ESD tail exponent)" if metric == "alpha" else metric)
     ax.set_title(
         f"{metric} per layer" + (" — " + series[0].label if len(series) == 1 else ""), fontsize=10
     )
     ax.grid(axis="y", alpha=0.3)
     outside_legend(fig, *ax.get_legend_handles_labels())
     save(fig, output, fmt, dpi)
-    return LayerPlot(Path(output), order, series)
+    return LayerPlot(Path(output), order, series, figure=fig)
 
 
 # ---------------------------------------------------------------- LR plans
@@ -272,7 +275,7 @@ def plot_lr_plans(
         sec.set_ylabel(f"learning rate (base {lr0:g})")
     outside_legend(fig, *ax.get_legend_handles_labels())
     save(fig, output, fmt, dpi)
-    return LayerPlot(Path(output), order, series)
+    return LayerPlot(Path(output), order, series, figure=fig)
 
 
 # ---------------------------------------------------------------- pruning plans
@@ -386,7 +389,7 @@ def plot_prune_plans(
             handles.setdefault(lab, h)
     outside_legend(fig, list(handles.values()), list(handles))
     save(fig, output, fmt, dpi)
-    return LayerPlot(Path(output), order, series)
+    return LayerPlot(Path(output), order, series, figure=fig)
 
 
 __all__ = [

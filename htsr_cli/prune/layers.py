@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +17,15 @@ from typing import Any
 import numpy as np
 
 from htsr_cli import defaults
+from htsr_cli.engine.presets import EMBEDDING_NAME, block_of
 from htsr_cli.errors import InputError
 from htsr_cli.io.documents import finite
 from htsr_cli.prune import budgets as B
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16"}
 #: Names (last dotted component) of embedding tables in common checkpoints: GPT-2's wte/wpe,
-#: BERT's *_embeddings, Llama's embed_tokens, T5's shared.
-_EMBEDDING = re.compile(r"(^|\.)(embed\w*|\w*_embeddings|wte|wpe|shared)$")
+#: BERT's *_embeddings, Llama's embed_tokens, T5's shared (one definition, with the presets).
+_EMBEDDING = EMBEDDING_NAME
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def select(
             continue
         kept.append(x)
     if classifier:
-        notes.append(f"classifier {classifier} is never pruned")
+        notes.append(f"layer '{classifier}' is the classifier: never pruned")
     if embeds and not prune_embeddings:
         notes.append(
             f"{len(embeds)} embedding table(s) not pruned ({embeds[0]}"
@@ -195,6 +195,40 @@ def metric_values(
     return values, usable, notes
 
 
+def block_means(
+    layers: Sequence[Layer],
+    values: Sequence[float],
+    usable: Sequence[bool],
+    pattern: str | None = None,
+) -> tuple[list[float], list[str], list[str]]:
+    """AlphaPruning's ``block_wise`` mapping: each layer's metric replaced by the mean over the
+    usable layers of its block (blocks from the layer names, see
+    :func:`htsr_cli.engine.presets.block_of`, or the regular expression ``pattern``). Layers in
+    no block keep their own value. Returns the values, one note per layer and the plan's notes.
+    """
+    blocks = [block_of(x.name, pattern) for x in layers]
+    members: dict[str, list[float]] = {}
+    for b, v, ok in zip(blocks, values, usable, strict=True):
+        if b is not None and ok:
+            members.setdefault(b, []).append(float(v))
+    out, layer_notes = [], []
+    for b, v in zip(blocks, values, strict=True):
+        if b is not None and b in members:
+            out.append(float(np.mean(members[b])))
+            layer_notes.append(f"block {b}: mean of {len(members[b])}")
+        else:
+            out.append(v)
+            layer_notes.append("")
+    if not members:
+        what = f"--block-pattern {pattern!r}" if pattern else "a transformer block name"
+        return out, layer_notes, [f"no layer name matches {what}: one ratio per layer"]
+    outside = sum(b is None for b in blocks)
+    notes = [f"block-wise: one ratio per block ({len(members)} blocks)"]
+    if outside:
+        notes.append(f"{outside} layer(s) in no block keep a ratio of their own")
+    return out, layer_notes, notes
+
+
 def method_budgets(
     method: str,
     layers: Sequence[Layer],
@@ -209,6 +243,8 @@ def method_budgets(
     min_evals: int = defaults.PLAN_MIN_EVALS,
     plan: Mapping[str, float] | None = None,
     weights: Callable[[str], Any] | None = None,
+    block_wise: bool = False,
+    block_pattern: str | None = None,
 ) -> Budgets:
     """Per-layer ratios ``k_i`` of ``method``, calibrated so that ``sum numel_i * k_i`` equals
     ``removed`` (LAMP: the exact count of its global threshold).
@@ -218,6 +254,8 @@ def method_budgets(
             budgets as scores).
         rows: analysis rows by layer name (``metric`` only).
         weights: loads a layer's weight tensor by name (``lamp`` only).
+        block_wise, block_pattern: one ratio per block from the block's mean metric
+            (AlphaPruning's ``block_wise``; ``metric`` only), see :func:`block_means`.
     """
     n = len(layers)
     numel = np.array([x.numel for x in layers], dtype=float)
@@ -254,6 +292,10 @@ def method_budgets(
     else:
         assert rows is not None
         values, usable, layer_notes = metric_values(layers, rows, metric, min_evals)
+        if block_wise or block_pattern:
+            values, block_notes, more = block_means(layers, values, usable, block_pattern)
+            layer_notes = [a or b for a, b in zip(layer_notes, block_notes, strict=True)]
+            notes += more
         ok = np.array(usable)
         scores = np.ones(n)
         if ok.any():
@@ -281,5 +323,6 @@ __all__ = [
     "guess_classifier",
     "select",
     "metric_values",
+    "block_means",
     "method_budgets",
 ]

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from htsr_cli.allocate.report import bar
 from htsr_cli.errors import InputError
+from htsr_cli.io.output import choose_format as output_format
 from htsr_cli.io.output import open_output, write_json
 from htsr_cli.io.terminal import ProgressBar, printable
 
@@ -160,7 +161,7 @@ def write_plan(plan: Any, fmt: str, *, color: bool = False) -> None:
 def run_prune(
     source: Any,
     *,
-    fmt: str = "table",
+    fmt: str | None = None,
     output: str | None = None,
     progress: bool | None = None,
     stderr: Console | None = None,
@@ -171,15 +172,17 @@ def run_prune(
 
     Args:
         source: as :func:`prune`; ``-`` reads an analysis document from stdin.
-        fmt: ``table`` (default) or ``json`` (the ``htsr.prune-plan/1`` document).
+        fmt: ``table`` or ``json`` (the ``htsr.prune-plan/1`` document); None: a table on a
+            terminal, JSON in a pipe (as analyze and allocate do).
         output: the pruned ``.safetensors`` checkpoint to write (atomically).
         progress: a progress bar on stderr; None means only when stderr is a terminal.
         **kwargs: every other keyword of :func:`prune`.
     """
     from htsr_cli.prune import prune
 
-    if fmt not in PLAN_FORMATS:
-        raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(PLAN_FORMATS)}")
+    # The plan goes to stdout whatever -o names (the pruned checkpoint), so only the terminal
+    # decides the default.
+    fmt = output_format(fmt, None, sys.stdout.isatty(), PLAN_FORMATS)
     err = stderr or Console(stderr=True, highlight=False)
     with ProgressBar("prune", console=err, enabled=progress) as bar:
         plan = prune(source, output=output, on_progress=bar.callback, **kwargs)
