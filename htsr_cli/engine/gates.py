@@ -406,10 +406,15 @@ def compare(transform: str, value: float, base: float) -> float:
     if math.isnan(value) or math.isnan(base):
         return math.nan
     if transform == "delta":
-        with np.errstate(invalid="ignore", over="ignore"):
-            return float(np.float64(value) - np.float64(base))
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return float(np.float64(value) / np.float64(base))
+        return value - base  # Python floats: inf - inf is nan and overflow is inf, no raise
+    if base == 0:
+        if value == 0:
+            return math.nan
+        return math.copysign(math.inf, value) * math.copysign(1.0, base)
+    try:
+        return value / base
+    except OverflowError:  # pragma: no cover (float division overflows to inf in CPython)
+        return math.copysign(math.inf, value) * math.copysign(1.0, base)
 
 
 def is_nonfinite(record: Mapping[str, Any]) -> bool:
