@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,134 @@ def test_the_reader_accepts_what_analyze_writes(crafted: dict[str, Path]) -> Non
     for key in ("analysis", "plain_json"):
         doc, _ = read_analysis(crafted[key])
         assert doc["layers"]
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Bounded work: the ww KS scan on a long spectrum, --budget-step
+
+
+def _spectrum(kind: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    if kind == "chi2":  # a 1x1xKxK conv: each eigenvalue is one squared weight, halved
+        x = torch.randn(n, generator=g, dtype=torch.float64) ** 2 / 2
+    elif kind == "pareto":  # a power law: many candidates with nearly the best D
+        x = u ** (-1 / 1.5)
+    elif kind == "discrete":  # many equal eigenvalues (ties in D)
+        x = torch.randint(1, 20, (n,), generator=g).double()
+    else:  # a bulk and a heavy tail
+        x = torch.cat(
+            [torch.randn(n // 2, generator=g, dtype=torch.float64) ** 2, u[n // 2 :] ** -0.4]
+        )
+    return torch.sort(x).values
+
+
+@pytest.mark.parametrize("kind", ["chi2", "pareto", "discrete", "mixture"])
+def test_long_spectrum_fit_matches_weightwatcher(kind: str) -> None:
+    """Past EXACT_SCAN_ELEMS the scan bounds D instead of evaluating every tail; the fit must
+    still be WeightWatcher's own (its WWFit, the argmin-D loop it runs) to rounding."""
+    from weightwatcher.WW_powerlaw import WWFit
+
+    from htsr_cli.engine.fit import EXACT_SCAN_ELEMS, fit_power_law
+
+    x = _spectrum(kind, 6000, seed=3)
+    x = x[x > 1e-5]
+    assert x.numel() ** 2 > EXACT_SCAN_ELEMS  # the bounded path runs
+    ours = fit_power_law(x, "ww")
+    ref = WWFit(x.numpy())
+    assert ours.xmin == pytest.approx(float(ref.xmin), rel=1e-12)
+    assert ours.alpha == pytest.approx(float(ref.alpha), rel=1e-10)
+    assert ours.D == pytest.approx(float(ref.D), rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["chi2", "pareto", "mixture"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bounded_scan_is_the_plain_scan(kind: str, seed: int) -> None:
+    """ks_argmin against the plain quadratic scan (every D_i evaluated): same index, same D."""
+    from htsr_cli.engine import fit
+
+    x = _spectrum(kind, 12000 + seed * 999, seed)
+    x = x[x > 1e-5]
+    logx = torch.log(x)
+    alpha = 1 + (x.numel() - torch.arange(x.numel() - 1)) / (
+        torch.flip(torch.cumsum(torch.flip(logx, (0,)), 0), (0,))[:-1]
+        - (x.numel() - torch.arange(x.numel() - 1)) * logx[:-1]
+    )
+    idx = torch.arange(x.numel() - 1)
+    full = fit._ks_distances(x, logx, alpha, idx)
+    k, d = fit.ks_argmin(x, logx, alpha, idx)
+    assert k == int(torch.argmin(full)) and d == float(full.min())
+
+
+def test_a_262144_eigenvalue_conv_is_analysed(tmp_path: Path) -> None:
+    """The issue's 1 MB conv (1x1x512x512: 262,144 pooled eigenvalues) took 209 s; the run gets
+    a generous bound (a quadratic scan does not come near it) and WeightWatcher's formula
+    checked at the chosen xmin."""
+    ckpt = tmp_path / "conv.safetensors"
+    save_file(
+        {"conv.weight": torch.randn(1, 1, 512, 512, generator=torch.Generator().manual_seed(0))},
+        ckpt,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "htsr_cli",
+            "analyze",
+            ckpt,
+            "--format",
+            "json",
+            "--metrics",
+            "alpha",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    layer = json.loads(proc.stdout)["layers"][0]
+    assert layer["num_evals"] == 512 * 512
+    # The MLE at the reported xmin (WeightWatcher's alpha formula, by hand).
+    ev = torch.sort(
+        torch.randn(1, 1, 512, 512, generator=torch.Generator().manual_seed(0)).double().reshape(-1)
+        ** 2
+        / 2
+    ).values
+    tail = ev[ev >= layer["xmin"]]
+    assert layer["alpha"] == pytest.approx(
+        1 + tail.numel() / float(torch.log(tail / layer["xmin"]).sum()), rel=1e-9
+    )
+
+
+def test_budget_step_is_bounded(crafted: dict[str, Path]) -> None:
+    """--budget-step 1e-300 looped ceil(1/step) times; now a bisection, same rule: it equals
+    the plain incremental loop on a step small enough to loop over."""
+    from htsr_cli.prune.budgets import stepped_counts
+
+    budgets, numel = [0.9, 0.5, 0.2], [1000, 3000, 700]
+    for removed in (0, 1, 500, 1234, 2000, 4700):
+        step = 0.003
+        best, level = [0, 0, 0], 0.0
+        t = 1
+        while t * step < 0.9 + step:  # the thesis's loop, as written in docs/prune.md
+            counts = [int(min(t * step, k) * n + 1e-9) for k, n in zip(budgets, numel, strict=True)]
+            if sum(counts) > removed:
+                break
+            best, level = counts, min(t * step, 0.9)
+            t += 1
+        got, got_level = stepped_counts(budgets, numel, removed, step)
+        assert list(got) == best and got_level == pytest.approx(level)
+    proc = clirunner.run(
+        [
+            "prune",
+            crafted["plain_json"],
+            "--sparsity",
+            "0.3",
+            "--budget-step",
+            "1e-300",
+            "--format",
+            "json",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["params"]["budget_step"] == 1e-300

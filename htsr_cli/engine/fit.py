@@ -130,6 +130,157 @@ def _ks_distances(
     return out
 
 
+#: Candidates x tail size up to which the ``ww`` scan evaluates every D_i outright (its cost is
+#: quadratic in the eigenvalues); past it, :func:`ks_argmin` bounds D_i first.
+EXACT_SCAN_ELEMS = 1 << 24
+# Grid points of the first bounding pass over every candidate, and the number of parts an
+# interval is cut into at each refinement.
+_GRID_COLS = 256
+_REFINE_PARTS = 16
+# Candidates refined together (their intervals are held as flat tensors).
+_CHUNK = 1024
+# Rounding allowance when comparing numbers computed by different arithmetic.
+_SLACK = 1e-9
+
+
+def _cdfs(
+    logx: torch.Tensor, a: torch.Tensor, i: torch.Tensor, inv_n: torch.Tensor, j: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fitted CDF ``1 - (x_j/x_i)^(1-a)`` and the empirical ``(j-i)/n_i`` (broadcast)."""
+    fit = 1 - ((logx[j] - logx[i]) * (1 - a)).exp()
+    return fit, (j - i).to(logx.dtype) * inv_n
+
+
+def _grid(n: int, device: torch.device) -> torch.Tensor:
+    stride = max(1, -(-n // _GRID_COLS))
+    cols = torch.arange(0, n, stride, device=device)
+    if int(cols[-1]) != n - 1:
+        cols = torch.cat([cols, torch.tensor([n - 1], device=device)])
+    return cols
+
+
+def _coarse(
+    logx: torch.Tensor, alpha: torch.Tensor, idx: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the candidates ``idx`` (ascending): the values ``fit``, ``emp`` at the grid columns
+    (zero left of each candidate, where its tail has not begun: both CDFs are 0 at j = i),
+    the lower bound of D_i (the largest ``|fit - emp|`` on the grid) and its upper bound.
+
+    Both CDFs increase with j, so between two tail points p < q (or i itself)
+    ``|fit(j) - emp(j)| <= max(fit(q) - emp(p), emp(q) - fit(p))``.
+    """
+    n = logx.numel()
+    c = cols[cols >= idx[0]]
+    a = alpha[idx][:, None]
+    inv_n = (1.0 / (n - idx).to(logx.dtype))[:, None]
+    fit, emp = _cdfs(logx, a, idx[:, None], inv_n, c[None, :])
+    tail = c[None, :] >= idx[:, None]
+    fit = torch.where(tail, fit, torch.zeros_like(fit))
+    emp = torch.where(tail, emp, torch.zeros_like(emp))
+    lower = (fit - emp).abs().amax(dim=1)
+    upper = torch.maximum(torch.maximum(fit[:, 0], emp[:, 0]), lower)  # from j = i on
+    if c.numel() > 1:
+        step = torch.maximum(fit[:, 1:] - emp[:, :-1], emp[:, 1:] - fit[:, :-1])
+        upper = torch.maximum(upper, step.amax(dim=1))
+    return c, fit, emp, lower, upper
+
+
+def _exact_chunk(
+    logx: torch.Tensor,
+    alpha: torch.Tensor,
+    idx: torch.Tensor,
+    cols: torch.Tensor,
+    best: float,
+) -> tuple[torch.Tensor, float]:
+    """D_i of the candidates ``idx`` (ascending, valid alpha) by interval refinement: only
+    the intervals whose bound exceeds the candidate's best point so far are cut further, and a
+    candidate whose lower bound exceeds ``best`` is dropped (its D is returned as inf). Returns
+    the D (this arithmetic) and the updated ``best``."""
+    n = logx.numel()
+    dev = logx.device
+    c, fit, emp, lower, upper = _coarse(logx, alpha, idx, cols)
+    best = min(best, float(upper.min()))
+    a = alpha[idx]
+    inv_n = 1.0 / (n - idx).to(logx.dtype)
+    # The intervals between consecutive tail points, as flat tensors: candidate, ends, values.
+    starts = torch.cat([idx[:, None], c[None, :-1].expand(idx.numel(), -1)], dim=1)
+    ends = c[None, :].expand(idx.numel(), -1)
+    starts = torch.maximum(starts, idx[:, None])
+    fit_s = torch.cat([torch.zeros_like(fit[:, :1]), fit[:, :-1]], dim=1)
+    emp_s = torch.cat([torch.zeros_like(emp[:, :1]), emp[:, :-1]], dim=1)
+    bound = torch.maximum(fit - emp_s, emp - fit_s)
+    live = (ends > starts) & (ends - starts > 1) & (bound > lower[:, None])
+    live &= (lower <= best + _SLACK)[:, None]
+    cand, col = torch.nonzero(live, as_tuple=True)
+    p, q = starts[cand, col], ends[cand, col]
+    while p.numel():
+        step = torch.div(q - p + _REFINE_PARTS - 1, _REFINE_PARTS, rounding_mode="floor")
+        parts = torch.div(q - p + step - 1, step, rounding_mode="floor")
+        owner = torch.repeat_interleave(torch.arange(p.numel(), device=dev), parts)
+        first = torch.cumsum(parts, 0) - parts
+        k = torch.arange(owner.numel(), device=dev) - first[owner]
+        lo = p[owner] + k * step[owner]
+        hi = torch.minimum(lo + step[owner], q[owner])
+        who = cand[owner]
+        ai, ii, ni = a[who], idx[who], inv_n[who]
+        f_lo, e_lo = _cdfs(logx, ai, ii, ni, lo)
+        f_hi, e_hi = _cdfs(logx, ai, ii, ni, hi)
+        lower = lower.scatter_reduce(0, who, (f_hi - e_hi).abs(), "amax")
+        bound = torch.maximum(f_hi - e_lo, e_hi - f_lo)
+        up = torch.maximum(lower, torch.zeros_like(lower).scatter_reduce(0, who, bound, "amax"))
+        alive_c = lower <= best + _SLACK
+        if bool(alive_c.any()):
+            best = min(best, float(torch.where(alive_c, up, torch.full_like(up, math.inf)).min()))
+        keep = (hi - lo > 1) & (bound > lower[who]) & alive_c[who]
+        cand, p, q = who[keep], lo[keep], hi[keep]
+    d = torch.where(lower <= best + _SLACK, lower, torch.full_like(lower, math.inf))
+    return d, best
+
+
+def ks_argmin(
+    x: torch.Tensor, logx: torch.Tensor, alpha: torch.Tensor, idx: torch.Tensor
+) -> tuple[int, float]:
+    """``(k, D)`` with ``D = D_{idx[k]}`` the smallest KS distance over the candidates ``idx``
+    (ascending) and ``k`` the first position attaining it: exactly what ``argmin`` over
+    :func:`_ks_distances` gives, without evaluating every D_i over its whole tail.
+
+    Branch and bound. A grid of 256 tail points bounds every D_i from below and above
+    (:func:`_coarse`); candidates are then refined in the order of their lower bounds, each
+    over only the intervals of its tail whose bound exceeds its best point so far
+    (:func:`_exact_chunk`), until no lower bound left is below the best D; the few candidates
+    within rounding of the best are evaluated by :func:`_ks_distances`, so the choice is the
+    plain scan's to the last bit.
+    """
+    n = x.numel()
+    valid = torch.isfinite(alpha[idx]) & (alpha[idx] > 1)
+    if not bool(valid.any()):
+        return 0, 1.0  # every D_i is 1: the first candidate, as argmin gives
+    pos = torch.nonzero(valid).reshape(-1)
+    cols = _grid(n, x.device)
+    lower = torch.empty(pos.numel(), dtype=x.dtype, device=x.device)
+    upper = torch.empty_like(lower)
+    block = max(1, _BLOCK_ELEMS // cols.numel())
+    for s in range(0, pos.numel(), block):
+        _, _, _, lower[s : s + block], upper[s : s + block] = _coarse(
+            logx, alpha, idx[pos[s : s + block]], cols
+        )
+    best = float(upper.min())
+    order = torch.argsort(lower, stable=True)
+    pos, lower = pos[order], lower[order]
+    d_all = torch.full((pos.numel(),), math.inf, dtype=x.dtype, device=x.device)
+    for s in range(0, pos.numel(), _CHUNK):
+        if float(lower[s]) > best + _SLACK:
+            break
+        part, back = torch.sort(pos[s : s + _CHUNK])
+        d, best = _exact_chunk(logx, alpha, idx[part], cols, best)
+        d_all[s : s + part.numel()][back] = d
+    near = pos[d_all <= float(d_all.min()) + 1e-7]  # ties to rounding: the plain scan decides
+    near = torch.sort(near).values
+    d = _ks_distances(x, logx, alpha, idx[near])
+    k = int(torch.argmin(d))
+    return int(near[k]), float(d[k])
+
+
 def _result(
     x: torch.Tensor,
     i: int,
@@ -168,6 +319,11 @@ def _fit_scan(
     idx = torch.arange(n - 1, device=x.device) if candidates is None else candidates
     if idx.numel() == 0:
         return PowerLawFit(reason="no candidate xmin in the search window")
+    if not small and idx.numel() * (n - int(idx[0])) > EXACT_SCAN_ELEMS:
+        # A long spectrum: the same argmin without the quadratic scan (docs/engine.md).
+        best, d_best = ks_argmin(x, logx, alpha, idx)
+        i = int(idx[best])
+        return _result(x, i, float(alpha[i]), d_best, all_evals)
     D = _ks_distances(x, logx, alpha, idx)
     if small:
         # WeightWatcher 0.7.7's small-sample path: bias-corrected alpha, tails of at least 8

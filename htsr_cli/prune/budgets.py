@@ -239,14 +239,24 @@ def stepped_counts(
     k = np.asarray(budgets, dtype=float)
     n = np.asarray(numel, dtype=np.int64)
     steps = int(math.ceil(float(k.max()) / step)) if k.size and k.max() > 0 else 0
-    best = np.zeros(n.size, dtype=np.int64)
-    level = 0.0
-    for t in range(1, steps + 1):
-        counts = np.floor(np.minimum(t * step, k) * n + 1e-9).astype(np.int64)
-        if counts.sum() > removed:
-            break
-        best, level = counts, min(t * step, float(k.max()))
-    return best, level
+
+    def counts(t: int) -> np.ndarray:
+        return np.floor(np.minimum(t * step, k) * n + 1e-9).astype(np.int64)
+
+    # The total grows with t, so the last allowed step is found by bisection: log2(steps)
+    # evaluations, not ceil(1/step) (a --budget-step of 1e-300 looped without end).
+    lo, hi = 0, steps
+    if steps and counts(hi).sum() <= removed:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if counts(mid).sum() <= removed:
+            lo = mid
+        else:
+            hi = mid
+    if lo == 0:
+        return np.zeros(n.size, dtype=np.int64), 0.0
+    return counts(lo), min(lo * step, float(k.max()))
 
 
 __all__ = [
