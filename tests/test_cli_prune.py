@@ -264,9 +264,10 @@ def test_a_plan_naming_layers_the_model_lacks(capsys, tmp_path):
     assert not out.exists()
 
 
-def test_the_table_is_the_default_and_the_input_is_untouched(capsys, tmp_path):
+def test_the_table_format_and_the_input_is_untouched(capsys, tmp_path):
+    # A table when asked (the default only on a terminal: tests/test_first_hour.py).
     before = Path(CKPT).read_bytes()
-    main_ok = ["prune", CKPT, "--keep-params", "100000", "--method", "uniform"]
+    main_ok = ["prune", CKPT, "--keep-params", "100000", "--method", "uniform", "-f", "table"]
     with pytest.raises(SystemExit) as exit_info:
         main(main_ok)
     captured = capsys.readouterr()

@@ -259,7 +259,7 @@ def render_table(
         for row in warned:
             for code in warning_flags(row["warning"]):
                 counts[code] = counts.get(code, 0) + 1
-        for code, n in counts.items():
+        for code, n in sorted(counts.items(), key=lambda kv: list(FLAGS).index(kv[0])):
             console.print(
                 Text(f"! {code}  {FLAGS[code]}: {n} layer{'s' if n != 1 else ''}"),
                 soft_wrap=True,
