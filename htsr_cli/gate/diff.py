@@ -157,11 +157,8 @@ def write_table(diff: Diff, fh: TextIO, terminal: bool) -> None:
         file=fh, force_terminal=colour, no_color=not colour, highlight=False,
         width=None if terminal else 400,
     )  # fmt: skip
-    table = Table(
-        title=Text(f"delta = B - A   A: {safe(diff.a.label)}   B: {safe(diff.b.label)}"),
-        title_justify="left",
-        header_style="bold",
-    )
+    console.print(Text(f"delta = B - A   A: {safe(diff.a.label)}   B: {safe(diff.b.label)}"))
+    table = Table(header_style="bold")
     table.add_column("layer", no_wrap=True)
     for m in diff.metrics:
         table.add_column(f"Δ{m}", justify="right")

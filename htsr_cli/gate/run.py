@@ -180,7 +180,7 @@ def run_gate(
         _warn(w)
     with open_output(output) as fh:
         WRITERS[fmt](doc, fh)
-    if output is not None and str(output) != "-" and not Path(output).is_dir():
+    if output is not None and str(output) != "-":
         # The data went to a file: the person reading the log still sees the verdict.
         for line in text_lines(doc):
             sys.stderr.write(line + "\n")
