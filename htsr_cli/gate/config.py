@@ -62,7 +62,7 @@ class GateConfig:
         if self.fail_if:
             out.append("fail-if:")
             for g, o in zip(self.fail_if, self.fail_if_origin, strict=True):
-                out.append(f"  {printable(g)!s}    ({printable(o)})")
+                out.append(f"  {printable(g)}    ({printable(o)})")
         else:
             out.append("fail-if: (none)")
         base = printable(self.baseline) if self.baseline else "(none)"
