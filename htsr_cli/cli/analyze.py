@@ -18,6 +18,8 @@ _EPILOG = (
     "  htsr analyze                                   # the built-in demo checkpoint\n\n"
     "  htsr analyze model.safetensors --format json -o report.json\n\n"
     "  htsr analyze ./hf-model-dir --layers 'model.layers.*' --metrics alpha,stable_rank\n\n"
+    "  htsr analyze google-bert/bert-base-uncased    # from the local Hugging Face cache\n\n"
+    "  htsr analyze checkpoint.pt --key ema           # the EMA copy in a training checkpoint\n\n"
     "  htsr analyze model.pt --fail-if 'alpha > 6' --fail-if 'mean(alpha) > 4.5'\n\n"
     "  htsr analyze m.safetensors --format json | htsr allocate - --lr 0.1\n\n"
     "  htsr analyze model.pt --columns alpha,stable_rank,D --verbose\n\n"

@@ -25,8 +25,7 @@ _B_HELP = "The model compared with A: delta = B - A, ratio = B / A."
         "  htsr diff base.pth new.pth --metrics alpha --format csv -o diff.csv\n\n"
         "  htsr diff main.json new.safetensors --format json | jq '.layers[0]'\n\n"
         "Layers are paired by name, as 'htsr gate B --baseline A' pairs them; layers on one "
-        "side only are listed (added: only in B; removed: only in A).\n\n"
-        "Exit codes: 0 ok, 2 usage or input error."
+        "side only are listed (added: only in B; removed: only in A).\n\n" + options.exit_codes()
     ),
 )
 def diff_command(
@@ -84,7 +83,8 @@ def diff_command(
     epilog=(
         "Examples:\n\n"
         "  htsr plot diff main.json pr.json -o alpha-diff.png\n\n"
-        "  htsr plot diff base.pth new.pth --metric spectral_norm --ratio -o sn.svg"
+        "  htsr plot diff base.pth new.pth --metric spectral_norm --ratio -o sn.svg\n\n"
+        + options.exit_codes()
     ),
 )
 def plot_diff_command(

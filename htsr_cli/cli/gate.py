@@ -20,8 +20,7 @@ _EPILOG = (
     "  htsr gate --show-config\n\n"
     "Gates are read from [tool.htsr.gate] in pyproject.toml or [gate] in htsr.toml, found "
     "from the working directory upwards; --fail-if adds to them. See docs/gates.md and "
-    "docs/ci.md.\n\n"
-    "Exit codes: 0 every gate passed, 1 a gate failed, 2 usage or input error."
+    "docs/ci.md.\n\n" + options.exit_codes("a gate failed")
 )
 _WHEN = "Checkpoint SOURCE/baseline only: "
 
