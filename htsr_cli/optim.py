@@ -426,8 +426,10 @@ class Reallocator:
     optimizer's group multipliers by layer name.
 
     ``allocate_options`` go to :func:`~htsr_cli.allocate.schemes.allocate` (``s1``, ``s2``,
-    ``seed``, ``min_evals``, ``all_layers``, ``wd``/``wd_scheme``, analyze options such as
-    ``fit`` or ``device``). Groups whose layer the new plan omits return to multiplier 1 (base LR).
+    ``seed``, ``min_evals``, ``all_layers``, ``wd``/``wd_scheme``, ``preset``, analyze options
+    such as ``fit`` (default ``median``, :data:`htsr_cli.defaults.PLAN_FIT`, as ``htsr allocate``
+    and ``htsr finetune``) or ``device``). Groups whose layer the new plan omits return to
+    multiplier 1 (base LR).
 
     In DDP, run it on rank 0 only and broadcast ``reallocate().multipliers()`` to the other
     ranks, which call :func:`apply_multipliers` (see docs/training-loop.md).

@@ -126,7 +126,12 @@ def runs(docs: dict[str, Any]) -> dict[str, subprocess.CompletedProcess[str]]:
             ),
             {},
         ),
-        "ckpt": (htsr, (CKPT, "--lr", "0.1", "--format", "json", "--device", "cpu"), {}),
+        # the pipe's analysis has analyze's default fit (ww); allocate's own default is median
+        "ckpt": (
+            htsr,
+            (CKPT, "--lr", "0.1", "--format", "json", "--device", "cpu", "--fit", "ww"),
+            {},
+        ),
         "csv": (
             htsr,
             (

@@ -303,3 +303,22 @@ def test_get_preset_is_case_insensitive_and_validates():
     assert get_preset(None, "analyze") is None
     with pytest.raises(InputError):
         get_preset("tempbalance", "prune")
+
+
+def test_one_default_fit_for_every_lr_plan(mobilenet):
+    """allocate (checkpoint source), Reallocator and finetune share defaults.PLAN_FIT."""
+    from htsr_cli import defaults
+    from htsr_cli.finetune.config import FinetuneConfig
+    from htsr_cli.optim import Reallocator, param_groups
+
+    assert defaults.PLAN_FIT == "median"
+    assert FinetuneConfig.__dataclass_fields__["fit"].default == defaults.PLAN_FIT
+    plan = allocate(mobilenet, lr=0.1, layers=["features.1[0-2].*"])
+    assert plan.params["analysis_options"]["fit"] == defaults.PLAN_FIT
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64),
+        torch.nn.Linear(64, 64), torch.nn.Linear(64, 2),
+    )  # fmt: skip
+    opt = torch.optim.SGD(param_groups(model, allocate(model, lr=0.1, min_evals=8)), lr=0.1)
+    realloc = Reallocator(model, opt, min_evals=8)
+    assert realloc.reallocate().params["analysis_options"]["fit"] == defaults.PLAN_FIT
