@@ -13,7 +13,7 @@ SEED = 0
 #: The power-law fit of analyze and gates (WeightWatcher's).
 FIT = "ww"
 #: allocate and prune's metric method: layers with fewer eigenvalues keep the base LR / get the
-#: average budget (TempBalance's and AlphaPruning's 50).
+#: average budget (TempBalance's 50; AlphaPruning has no threshold, see docs/presets.md).
 PLAN_MIN_EVALS = 50
 #: The fit of the on-the-fly analysis behind an LR plan: ``htsr allocate CKPT``, ``Reallocator``
 #: and ``htsr finetune`` (TempBalance's ``xmin_mid``; an analysis document keeps its own fit).

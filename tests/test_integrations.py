@@ -253,6 +253,7 @@ def test_schedule_validation_and_missing_groups():
         s.run(model, plain, None, 3)
 
 
+@pytest.mark.slow
 def test_a_missing_library_is_one_clear_error():
     """Import with the library hidden: an ImportError that says what to install."""
     code = (

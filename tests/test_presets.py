@@ -169,6 +169,7 @@ def test_median_is_the_mle_at_the_median_eigenvalue(mobilenet):
         assert _rel(row["xmin"], xmin) < 1e-9 and _rel(row["alpha"], alpha) < 1e-9, row["name"]
 
 
+@pytest.mark.slow
 def test_clip_xmax_matches_weightwatcher(mobilenet):
     """``clip-xmax`` against WeightWatcher 0.7.7's ``fix_fingers='clip_xmax'`` on MobileNetV2:
     equal where WeightWatcher fits; on the 9-eigenvalue depthwise layers, where it returns -1,
