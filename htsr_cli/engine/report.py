@@ -121,7 +121,7 @@ def warning_flags(warning: str) -> str:
     for the three known notes, ``F`` for anything else (a failed or doubtful fit)."""
     codes = []
     for note in (n.strip() for n in (warning or "").split(";")):
-        if not note:
+        if not note or note == "no fit metric requested":  # --metrics without a fit: by choice
             continue
         code = (
             "U"
@@ -177,14 +177,7 @@ def _cell(row: dict[str, Any], col: str) -> Text:
 
 
 def _build_table(analysis: Analysis, cols: Sequence[str], flags: bool) -> Table:
-    src = printable(analysis.source.get("path") or "(in memory)")
-    opts = analysis.options
     table = Table(
-        title=Text(
-            f"{src}  fit={printable(opts['fit'])}  {len(analysis.layers)} layers  "
-            f"{analysis.seconds:.1f}s"
-        ),
-        title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         header_style="bold",
@@ -216,7 +209,7 @@ def choose_table_columns(analysis: Analysis, width: int, console: Console) -> li
     computed = set(analysis.metrics) | {"shape", "D", "num_evals"}
     wanted = [c for c in TABLE_PRIORITY if c in computed]
     cols = [c for c in wanted if c in TABLE_ALWAYS]
-    flags = any(row.get("warning") for row in analysis.layers)
+    flags = any(warning_flags(row.get("warning", "")) for row in analysis.layers)
     unbounded = console.options.update_width(100_000)  # a measure capped at the width fits all
 
     def natural_width(trial: list[str]) -> int:
@@ -251,8 +244,14 @@ def render_table(
         cols = choose_table_columns(analysis, console.width, console)
     else:
         cols = list(columns)
-    warned = [row for row in analysis.layers if row.get("warning")]
+    warned = [row for row in analysis.layers if warning_flags(row.get("warning", ""))]
     flags = bool(warned) and "warning" not in cols
+    src = printable(analysis.source.get("path") or "(in memory)")
+    title = (
+        f"{src}  fit={printable(analysis.options['fit'])}  {len(analysis.layers)} layers  "
+        f"{analysis.seconds:.1f}s"
+    )
+    console.print(Text(title), soft_wrap=True)  # a long path wraps as text, cutting no cell
     console.print(_build_table(analysis, cols, flags))
     if flags:
         counts: dict[str, int] = {}
