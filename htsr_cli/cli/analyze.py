@@ -83,6 +83,12 @@ def analyze_command(
     progress: Optional[bool] = typer.Option(  # noqa: UP045
         None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."
     ),
+    nproc_per_node: Optional[int] = typer.Option(  # noqa: UP045
+        None,
+        "--nproc-per-node",
+        help="Split the layers across N processes on this machine through torchrun (one per "
+        "GPU on CUDA; on the CPU they share the cores). Same report. See docs/distributed.md.",
+    ),
     columns: Optional[str] = typer.Option(  # noqa: UP045
         None,
         "--columns",
@@ -104,6 +110,32 @@ def analyze_command(
     from htsr_cli.io import digest
 
     digest.prefetch(checkpoint)  # the file's sha256 runs beside the torch import that follows
+    if nproc_per_node is not None:
+        from htsr_cli.engine.launch import launch_analysis
+
+        raise typer.Exit(
+            launch_analysis(
+                checkpoint,
+                nproc_per_node,
+                fmt=fmt,
+                output=output,
+                progress=progress,
+                columns=columns,
+                verbose=verbose,
+                fit=fit,
+                metrics=metrics,
+                device=device,
+                layers=layers,
+                exclude=exclude,
+                min_evals=min_evals,
+                seed=seed,
+                fail_if=fail_if,
+                trust_pickle=trust_pickle,
+                key=key,
+                jobs=jobs,
+                preset=preset,
+            )
+        )
     from htsr_cli.engine.report import run_analysis
 
     result = run_analysis(

@@ -27,10 +27,10 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from htsr_cli.defaults import ANALYZE_MIN_EVALS as DEFAULT_MIN_EVALS
 from htsr_cli.defaults import SEED as DEFAULT_SEED
-from htsr_cli.engine import spectrum
+from htsr_cli.engine import distributed, spectrum
 from htsr_cli.engine.columns import ALPHA_HIGH, ALPHA_LOW
 from htsr_cli.engine.fit import FIT_MODES, HTSR, FitConventions, fit_power_law
-from htsr_cli.engine.gates import GateResult, evaluate_gates, parse_gate, require_metrics
+from htsr_cli.engine.gates import evaluate_gates, parse_gate, require_metrics
 from htsr_cli.engine.metrics import FIT_METRICS, METRICS, layer_metrics
 from htsr_cli.engine.presets import check_fit, get_preset
 from htsr_cli.errors import InputError
@@ -316,8 +316,16 @@ def analyze(
     on_layer: Callable[[dict[str, Any]], None] | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
     preset: str | None = None,
+    shard: bool | None = None,
 ) -> Analysis:
     """Compute the HT-SR metrics of every layer of a checkpoint.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the layers are split across the ranks by estimated
+    cost, each rank reads and analyses its own, and every rank returns the whole analysis
+    (rows gathered in checkpoint order, gates evaluated by rank 0); ``on_layer`` and
+    ``on_progress`` are called on rank 0 only. Any rank failing stops them all: rank 0
+    raises :class:`~htsr_cli.engine.distributed.RankFailed` (its message names the rank and
+    layer), the others :class:`~htsr_cli.engine.distributed.PeerFailed` (docs/distributed.md).
 
     Args:
         source: a checkpoint path (file or Hugging Face directory), a state dict, an
@@ -332,6 +340,8 @@ def analyze(
             default 8.
         seed: seed of the shuffles behind ``rand_distance``.
         trust_pickle: allow torch files that need code to unpickle.
+        key: where the state dict lives inside a torch file (``--key``; by default it is
+            found under ``state_dict``, ``model_state_dict``, ``model``, ``ema``, ...).
         fail_if: gate expressions (docs/gates.md), evaluated into ``Analysis.gates``.
         keep_spectra: keep every layer's eigenvalues in ``Analysis.spectra`` (for plots).
         jobs: layers analysed at once (default: up to 4 on the CPU, 1 on CUDA; see
@@ -342,9 +352,87 @@ def analyze(
         preset: ``tempbalance``, ``alphapruning`` or ``weightwatcher``: that tool's fit
             conventions, default fit, layer set and ``min_evals`` (docs/presets.md); ``fit``
             and ``min_evals`` given explicitly still win.
+        shard: split the layers across torchrun's ranks (every rank must call); None (the
+            default) does when ``WORLD_SIZE`` > 1 and no process group is set up yet
+            (:func:`~htsr_cli.engine.distributed.should_shard`).
 
     Raises:
         InputError: unreadable source, bad option, or no weight matrix to analyse.
+    """
+    settings = check_options(
+        fit=fit, metrics=metrics, min_evals=min_evals, fail_if=fail_if, preset=preset, jobs=jobs
+    )
+    t0 = time.perf_counter()
+    with distributed.Group.from_env(shard) as group:
+        plan = distributed.agree(
+            group,
+            lambda: _plan(
+                source,
+                settings,
+                group,
+                device=device,
+                layers=layers,
+                exclude=exclude,
+                seed=seed,
+                trust_pickle=trust_pickle,
+                key=key,
+            ),
+            lambda p: p.fingerprint,
+        )
+        try:
+            with _thread_settings(plan.device, settings.jobs) as workers:
+                done = _walk_share(
+                    plan,
+                    settings,
+                    group,
+                    seed=seed,
+                    keep_spectra=keep_spectra,
+                    workers=workers,
+                    on_layer=on_layer,
+                    on_progress=on_progress,
+                )
+            records = _gather(group, done)
+            return _assemble(
+                plan,
+                settings,
+                group,
+                records,
+                key=key,
+                t0=t0,
+                on_layer=on_layer,
+                on_progress=on_progress,
+            )
+        finally:
+            plan.close()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The options of an analysis, checked before any work (:func:`check_options`)."""
+
+    fit: str
+    min_evals: int
+    metrics: list[str]
+    gates: list[Any]
+    fail_if: list[str]
+    tool: Any  # the preset, or None
+    conventions: FitConventions
+    jobs: int | None
+
+
+def check_options(
+    *,
+    fit: str | None = None,
+    metrics: str | Sequence[str] | None = None,
+    min_evals: int | None = None,
+    fail_if: Sequence[str] = (),
+    preset: str | None = None,
+    jobs: int | None = None,
+) -> Settings:
+    """Step 1: every option checked and resolved (preset defaults), before a file is opened.
+
+    Raises:
+        InputError: a bad fit mode, metric, gate, ``min_evals`` or ``jobs``.
     """
     tool = get_preset(preset, "analyze")
     fit = fit if fit is not None else (tool.fit if tool else "ww")
@@ -354,111 +442,302 @@ def analyze(
         raise InputError(f"unknown fit mode {fit!r}; choose from {', '.join(FIT_MODES)}")
     if tool:
         check_fit(tool, fit)
-    conventions = tool.fit_conventions() if tool else HTSR
     if min_evals < 1:
         raise InputError(f"--min-evals must be a positive integer, got {min_evals}")
+    if jobs is not None and jobs < 1:
+        raise InputError(f"--jobs must be a positive integer, got {jobs}")
     names = parse_metrics(metrics)
     gates = [parse_gate(g) for g in fail_if]  # malformed gates fail before any work
     require_metrics(gates, names)
-    dev = resolve_device(device)
-    workers, blas_threads = parallelism(dev, jobs)
-    t0 = time.perf_counter()
+    return Settings(
+        fit=fit,
+        min_evals=min_evals,
+        metrics=names,
+        gates=gates,
+        fail_if=list(fail_if),
+        tool=tool,
+        conventions=tool.fit_conventions() if tool else HTSR,
+        jobs=jobs,
+    )
+
+
+@dataclass
+class Plan:
+    """Step 2: what this process analyses: the open checkpoint, its device and the chosen
+    layers, with the document's options and the fingerprint every rank must share."""
+
+    ckpt: Checkpoint
+    owned: bool  # opened here, so closed here
+    device: torch.device
+    chosen: list[TensorRef]
+    options: dict[str, Any]
+    fingerprint: str
+
+    def close(self) -> None:
+        if self.owned:
+            self.ckpt.close()
+
+
+def _plan(
+    source: Any,
+    settings: Settings,
+    group: distributed.Group,
+    *,
+    device: str,
+    layers: Sequence[str],
+    exclude: Sequence[str],
+    seed: int,
+    trust_pickle: bool,
+    key: str | None,
+) -> Plan:
+    dev = _rank_device(device, group)
     ckpt = (
         source
         if isinstance(source, Checkpoint)
-        else open_checkpoint(source, trust_pickle=trust_pickle)
+        else open_checkpoint(source, trust_pickle=trust_pickle, key=key)
     )
-    # torch's and the BLAS pools' thread counts are process-wide: analyses in several threads
-    # take turns, so that each one restores what it found.
-    _THREAD_SETTINGS.acquire()
-    threads = torch.get_num_threads()
-    if dev.type == "cpu":
-        # The CPU eigen-work runs in numpy's BLAS (spectrum.eigenvalues); torch's own thread
-        # pool, spinning between the small fit ops, would slow it (measured ~15%).
-        torch.set_num_threads(1)
     try:
-        if ckpt.path is not None:
+        if ckpt.path is not None and group.rank == 0:
             ckpt.start_hashing()  # overlaps the sha256 of the files with the eigen-solves
-        candidates = layer_refs(ckpt)
-        if not candidates:
-            raise InputError(
-                f"{ckpt.path or 'the state dict'} holds no weight matrix "
-                "(no '.weight' tensor with 2 or more dimensions)"
-            )
-        chosen = [r for r in candidates if _selected(r.key[: -len(".weight")], layers, exclude)]
-        if not chosen:
-            raise InputError(
-                f"no layer matches --layers {list(layers)} / --exclude "
-                f"{list(exclude)} ({len(candidates)} layers in the checkpoint)"
-            )
+        chosen = choose_layers(ckpt, layers, exclude)
         options = {
-            "fit": fit,
-            "metrics": names,
+            "fit": settings.fit,
+            "metrics": settings.metrics,
             "device": str(dev),
             "layers": list(layers),
             "exclude": list(exclude),
-            "min_evals": min_evals,
+            "min_evals": settings.min_evals,
             "seed": seed,
             # the fit's eigenvalue filter: 0 where a preset keeps every positive eigenvalue
-            "evals_thresh": spectrum.EVALS_THRESH if conventions.filter_evals else 0.0,
-            "fail_if": list(fail_if),
-            "preset": tool.name if tool else None,
+            "evals_thresh": spectrum.EVALS_THRESH if settings.conventions.filter_evals else 0.0,
+            "fail_if": settings.fail_if,
+            "preset": settings.tool.name if settings.tool else None,
         }
-        result = Analysis(source={}, options=options)
-
-        def compute(name: str, weight: torch.Tensor) -> tuple[dict[str, Any], dict | None]:
-            if weight.device.type == "meta":
-                return {"name": name, "reason": "meta tensor: it holds no values"}, None
-            if weight.layout != torch.strided:
-                return {
-                    "name": name,
-                    "reason": f"{str(weight.layout).removeprefix('torch.')} "
-                    "tensor: not a dense weight",
-                }, None
-            if tool and (why := tool.skip_reason(name, tuple(weight.shape))):
-                return {"name": name, "reason": why}, None
-            spectra: dict[str, torch.Tensor] = {}
-            try:
-                row = analyze_layer(
-                    name,
-                    weight,
-                    fit=fit,
-                    metrics=names,
-                    device=dev,
-                    seed=seed,
-                    spectra=spectra if keep_spectra else None,
-                    conventions=conventions,
-                )
-            except spectrum.NonFiniteWeightError as exc:  # a diverged run: skip, keep going
-                # "nonfinite" lets the gates fail a diverged layer (docs/gates.md).
-                return {"name": name, "reason": str(exc), "nonfinite": True}, None
-            return row, spectra
-
-        # closing(): a callback that raises must also stop the workers before the thread
-        # settings are restored and the checkpoint closed.
-        with (
-            threadpool_limits(limits=blas_threads, user_api="blas"),
-            contextlib.closing(_walk(ckpt, chosen, min_evals, compute, workers)) as walk,
-        ):
-            for done, (record, spectra) in enumerate(walk, start=1):
-                if spectra is None:
-                    result.skipped.append(record)
-                else:
-                    result.layers.append(record)
-                    result.spectra.update(spectra)
-                if on_layer:
-                    on_layer(record)
-                if on_progress:
-                    on_progress(done, len(chosen), record["name"])
-        result.gates = evaluate_gates(gates, result.layers, skipped=result.skipped)
-        result.source = {"path": ckpt.path, "format": ckpt.format, "files": ckpt.files()}
-        result.seconds = time.perf_counter() - t0
-        return result
-    finally:
-        torch.set_num_threads(threads)
-        _THREAD_SETTINGS.release()
+        shared = {k: v for k, v in options.items() if k != "device"}  # cuda:LOCAL_RANK differs
+        files = sorted({r.file for r in layer_refs(ckpt) if r.file is not None})
+        stamp = distributed.fingerprint(files, chosen, shared) if group.sharded else ""
+    except BaseException:
         if ckpt is not source:
             ckpt.close()
+        raise
+    return Plan(ckpt, ckpt is not source, dev, chosen, options, stamp)
+
+
+def _rank_device(device: str, group: distributed.Group) -> torch.device:
+    """:func:`resolve_device`, where ``auto`` and ``cuda`` mean the GPU of ``LOCAL_RANK`` in
+    a sharded run."""
+    dev = resolve_device(device)
+    if group.sharded and dev.type == "cuda" and device in ("auto", "cuda"):
+        if group.local_rank >= torch.cuda.device_count():
+            raise InputError(
+                f"LOCAL_RANK {group.local_rank} has no GPU: only "
+                f"{torch.cuda.device_count()} CUDA device(s) present"
+            )
+        dev = torch.device("cuda", group.local_rank)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def choose_layers(
+    ckpt: Checkpoint, layers: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[TensorRef]:
+    """The layers to analyse: :func:`layer_refs` filtered by the ``--layers``/``--exclude``
+    globs.
+
+    Raises:
+        InputError: the checkpoint holds no weight matrix, or no layer matches the globs.
+    """
+    candidates = layer_refs(ckpt)
+    if not candidates:
+        raise InputError(
+            f"{ckpt.path or 'the state dict'} holds no weight matrix "
+            "(no '.weight' tensor with 2 or more dimensions)"
+        )
+    chosen = [r for r in candidates if _selected(r.key[: -len(".weight")], layers, exclude)]
+    if not chosen:
+        names_ = [r.key[: -len(".weight")] for r in candidates]
+        some = ", ".join(names_[:5]) + (", ..." if len(names_) > 5 else "")
+        raise InputError(
+            f"no layer matches --layers {list(layers)} / --exclude "
+            f"{list(exclude)} ({len(candidates)} layers in the checkpoint: {some})"
+        )
+    return chosen
+
+
+@contextlib.contextmanager
+def _thread_settings(dev: torch.device, jobs: int | None) -> Iterator[int]:
+    """Step 3: the process-wide thread settings of the walk; yields the number of workers.
+
+    torch's and the BLAS pools' thread counts are process-wide: analyses in several threads
+    take turns, so that each one restores what it found."""
+    workers, blas_threads = parallelism(dev, jobs)
+    with _THREAD_SETTINGS:
+        threads = torch.get_num_threads()
+        if dev.type == "cpu":
+            # The CPU eigen-work runs in numpy's BLAS (spectrum.eigenvalues); torch's own
+            # thread pool, spinning between the small fit ops, would slow it (measured ~15%).
+            torch.set_num_threads(1)
+        try:
+            with threadpool_limits(limits=blas_threads, user_api="blas"):
+                yield workers
+        finally:
+            torch.set_num_threads(threads)
+
+
+class LayerJob:
+    """The work of one layer on a worker thread: ``job(name, weight)`` is ``(row, spectra)``,
+    or ``(skipped record, None)`` for a weight that holds no values, that the preset leaves
+    out, or that is not finite."""
+
+    def __init__(
+        self, settings: Settings, device: torch.device, seed: int, keep_spectra: bool
+    ) -> None:
+        self.settings, self.device, self.seed, self.keep_spectra = (
+            settings,
+            device,
+            seed,
+            keep_spectra,
+        )
+
+    def __call__(self, name: str, weight: torch.Tensor) -> tuple[dict[str, Any], dict | None]:
+        s = self.settings
+        if weight.device.type == "meta":
+            return {"name": name, "reason": "meta tensor: it holds no values"}, None
+        if weight.layout != torch.strided:
+            return {
+                "name": name,
+                "reason": f"{str(weight.layout).removeprefix('torch.')} tensor: not a dense weight",
+            }, None
+        if s.tool and (why := s.tool.skip_reason(name, tuple(weight.shape))):
+            return {"name": name, "reason": why}, None
+        spectra: dict[str, torch.Tensor] = {}
+        try:
+            row = analyze_layer(
+                name,
+                weight,
+                fit=s.fit,
+                metrics=s.metrics,
+                device=self.device,
+                seed=self.seed,
+                spectra=spectra if self.keep_spectra else None,
+                conventions=s.conventions,
+            )
+        except spectrum.NonFiniteWeightError as exc:  # a diverged run: skip, keep going
+            # "nonfinite" lets the gates fail a diverged layer (docs/gates.md).
+            return {"name": name, "reason": str(exc), "nonfinite": True}, None
+        return row, spectra
+
+
+#: One walked layer: ``(index in the chosen list, row or skipped record, spectra or None)``.
+Walked = tuple[int, dict[str, Any], "dict | None"]
+
+
+def _walk_share(
+    plan: Plan,
+    settings: Settings,
+    group: distributed.Group,
+    *,
+    seed: int,
+    keep_spectra: bool,
+    workers: int,
+    on_layer: Callable[[dict[str, Any]], None] | None,
+    on_progress: Callable[[int, int, str], None] | None,
+) -> Any:
+    """Step 4: walk this rank's share of the layers (all of them in a local run, where
+    ``on_layer``/``on_progress`` are called as layers finish). Returns the walked layers; in
+    a sharded run, this rank's payload for :func:`_gather` (its layers, its failure, or
+    "stopped" when a peer failed first)."""
+    total = len(plan.chosen)
+    if group.sharded:
+        wants_rand = "rand_distance" in settings.metrics
+        costs = [distributed.layer_cost(r.shape, rand_distance=wants_rand) for r in plan.chosen]
+        owners = distributed.assign(costs, group.world)
+        mine = [i for i in range(total) if owners[i] == group.rank]
+    else:
+        mine = list(range(total))
+    job = LayerJob(settings, plan.device, seed, keep_spectra)
+    out: list[Walked] = []
+    try:
+        with (
+            group.progress(total, on_progress) as progress,
+            contextlib.closing(
+                _walk(
+                    plan.ckpt,
+                    [plan.chosen[i] for i in mine],
+                    settings.min_evals,
+                    job,
+                    workers,
+                    stop=group.stopping if group.sharded else None,
+                )
+            ) as walk,
+        ):
+            # closing(): a callback that raises must also stop the workers before the thread
+            # settings are restored and the checkpoint closed.
+            for done, (record, spectra) in enumerate(walk, start=1):
+                out.append((mine[done - 1], record, spectra))
+                group.layer_done(record["name"])
+                if on_layer and not group.sharded:
+                    on_layer(record)
+                if progress:
+                    progress(done, total, record["name"])
+    except distributed.Stopped:
+        return ("stopped",)
+    except Exception as exc:
+        if not group.sharded:
+            raise
+        message, code = distributed.describe(exc)
+        layer = getattr(exc, "htsr_layer", None)
+        return ("failed", distributed.Failure(group.rank, layer, message, code, group.failed()))
+    return ("ok", out) if group.sharded else out
+
+
+def _gather(group: distributed.Group, done: Any) -> list[Walked]:
+    """Step 5: every rank's walked layers in checkpoint order (a local run's as they are);
+    the first failure of any rank is raised on every rank."""
+    if not group.sharded:
+        return done
+    got = group.exchange(done)
+    failures = [p[1] for p in got if p[0] == "failed"]
+    if failures:
+        group.raise_failure(failures)
+    return sorted((item for p in got for item in p[1]), key=lambda item: item[0])
+
+
+def _assemble(
+    plan: Plan,
+    settings: Settings,
+    group: distributed.Group,
+    records: list[Walked],
+    *,
+    key: str | None,
+    t0: float,
+    on_layer: Callable[[dict[str, Any]], None] | None,
+    on_progress: Callable[[int, int, str], None] | None,
+) -> Analysis:
+    """Step 6: the document: rows and skipped records in checkpoint order, the gates and the
+    source (evaluated and hashed once, by rank 0, in a sharded run)."""
+    result = Analysis(source={}, options=plan.options)
+    for _, record, spectra in records:
+        if spectra is None:
+            result.skipped.append(record)
+        else:
+            result.layers.append(record)
+            result.spectra.update(spectra)
+        if on_layer and group.sharded and group.rank == 0:
+            on_layer(record)  # a local run streamed them as they finished
+    if on_progress and group.sharded and group.rank == 0 and records:
+        on_progress(len(records), len(records), records[-1][1]["name"])
+    head = None
+    if group.rank == 0:
+        gates = evaluate_gates(settings.gates, result.layers, skipped=result.skipped)
+        source = {"path": plan.ckpt.path, "format": plan.ckpt.format, "files": plan.ckpt.files()}
+        if key is not None:
+            source["key"] = key
+        head = ([g.to_dict() for g in gates], source, plan.options)
+    result.gates, result.source, result.options = group.broadcast(head)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def analyze_metric(
@@ -466,11 +745,19 @@ def analyze_metric(
 ) -> Analysis:
     """One metric of every layer of a checkpoint: the on-the-fly analysis of ``allocate`` and
     ``prune``. Options left at None take analyze's defaults; ``analysis_seed`` is analyze's
-    ``seed`` (named apart from those commands' own ``--seed``)."""
+    ``seed`` (named apart from those commands' own ``--seed``).
+
+    Under torchrun the analysis is sharded like :func:`analyze`'s; then the ranks other than
+    0, whose part is done, exit with status 0 (:class:`~htsr_cli.engine.distributed.PeerDone`)
+    and rank 0 alone goes on to plan, prune and write."""
     opts = {k: v for k, v in options.items() if v is not None}
     if analysis_seed is not None:
         opts["seed"] = analysis_seed
-    return analyze(source, metrics=[metric], **opts)
+    sharded = distributed.should_shard(opts.get("shard"))
+    result = analyze(source, metrics=[metric], **opts)
+    if sharded and distributed.dist_env()[1] != 0:
+        raise distributed.PeerDone(0)
+    return result
 
 
 def parallelism(device: torch.device, jobs: int | None = None) -> tuple[int, int | None]:
@@ -504,6 +791,7 @@ def _walk(
     min_evals: int,
     compute: Callable[[str, torch.Tensor], tuple[dict[str, Any], dict | None]],
     workers: int,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[dict[str, Any], dict | None]]:
     """Yield ``compute(name, weight)`` per layer, ``(row, spectra)`` or ``(skipped, None)``, and
     ``({"name", "reason"}, None)`` for a layer skipped from its metadata, in checkpoint order.
@@ -512,30 +800,41 @@ def _walk(
 
     Tensors are read in this thread, in checkpoint order, and computed on ``workers`` threads;
     at most ``workers + 1`` tensors are held at once, so peak memory still follows the largest
-    tensor."""
+    tensor. An exception is marked with the layer it came from
+    (:func:`~htsr_cli.engine.distributed.mark_layer`); ``stop()``, asked before each tensor is
+    read, ends the walk with :class:`~htsr_cli.engine.distributed.Stopped` (a peer failed)."""
     pending: deque[tuple[TensorRef, Future[Any] | dict[str, Any]]] = deque()
 
     def finish(
         ref: TensorRef, job: Future[Any] | dict[str, Any]
     ) -> tuple[dict[str, Any], dict | None]:
-        record, spectra = job.result() if isinstance(job, Future) else (job, None)
+        try:
+            record, spectra = job.result() if isinstance(job, Future) else (job, None)
+        except Exception as exc:
+            distributed.mark_layer(exc, ref.key[: -len(".weight")])
+            raise
         if spectra is None:
             record.update(shape=list(ref.shape), dtype=ref.dtype)
         return record, spectra
 
+    def start(ref: TensorRef) -> Future[Any] | dict[str, Any]:
+        name = ref.key[: -len(".weight")]
+        reason = _skip_reason(ref, min_evals)
+        if reason:
+            return {"name": name, "reason": reason}
+        try:
+            weight = ckpt.load(ref.key)
+        except Exception as exc:
+            distributed.mark_layer(exc, name)
+            raise
+        return pool.submit(compute, name, weight)
+
     with ThreadPoolExecutor(workers, thread_name_prefix="htsr-layer") as pool:
         try:
             for ref in chosen:
-                name = ref.key[: -len(".weight")]
-                reason = _skip_reason(ref, min_evals)
-                pending.append(
-                    (
-                        ref,
-                        {"name": name, "reason": reason}
-                        if reason
-                        else pool.submit(compute, name, ckpt.load(ref.key)),
-                    )
-                )
+                if stop is not None and stop():
+                    raise distributed.Stopped()
+                pending.append((ref, start(ref)))
                 while len(pending) > workers:
                     yield finish(*pending.popleft())
             while pending:

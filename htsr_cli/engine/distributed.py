@@ -35,7 +35,15 @@ from typing import Any
 import torch
 
 from htsr_cli.engine import spectrum
-from htsr_cli.errors import EXIT_INTERNAL, EXIT_USAGE, HtsrError, InputError, one_line
+from htsr_cli.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    HtsrError,
+    InputError,
+    one_line,
+    report_interrupt,
+)
 
 #: Eigen-solve flops per ``M**3`` of one slice, relative to the Gram's ``N*M**2``: LAPACK's
 #: ``eigvalsh`` (tridiagonal reduction, half of it memory-bound) measured ~4x the time of a
@@ -347,7 +355,8 @@ class Group:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, payload)
+        with _peer_lost():
+            dist.all_gather_object(out, payload)
         return out
 
     def broadcast(self, obj: Any) -> Any:
@@ -357,7 +366,8 @@ class Group:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with _peer_lost():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def raise_failure(self, failures: Sequence[Failure]) -> None:
@@ -376,9 +386,21 @@ class Group:
         raise PeerFailed(first.exit_code)
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    from htsr_cli.errors import report_interrupt
+@contextlib.contextmanager
+def _peer_lost() -> Iterator[None]:
+    """A collective that fails because a peer went away (killed, out of memory) stops this
+    rank as an interrupt would (exit 130, nothing written), with one line saying why."""
+    try:
+        yield
+    except RuntimeError:  # DistBackendError: gloo's "Connection reset by peer", ...
+        report_interrupt(silent=True)  # this line says it all: no "htsr: interrupted"
+        raise RankFailed(
+            "lost contact with another rank (killed or out of memory?); nothing written",
+            EXIT_INTERRUPTED,
+        ) from None
 
+
+def _sigterm(signum: int, frame: Any) -> None:
     report_interrupt(silent=True)  # the launcher (torchrun) names the rank that died
     raise KeyboardInterrupt
 

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from htsr_cli.engine.analysis import SCHEMA, Analysis, analyze, parse_metrics
 from htsr_cli.engine.columns import ALPHA_HIGH, ALPHA_LOW, NUMERIC_COLUMNS
+from htsr_cli.engine.distributed import dist_env
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import check_writable, dump_json, jsonable, open_output
 from htsr_cli.io.output import choose_format as output_format
@@ -330,6 +331,9 @@ def run_analysis(
         from htsr_cli.assets import default_checkpoint
 
         source = str(default_checkpoint())
+    if dist_env()[1] != 0:
+        # Another rank of a sharded run (docs/distributed.md): its share, nothing written.
+        return analyze(source, **options)
     fmt = choose_format(fmt, output, sys.stdout.isatty())
     table_cols = parse_columns(columns, parse_metrics(options.get("metrics")))
     check_writable(output, [source])

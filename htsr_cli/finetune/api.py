@@ -109,8 +109,9 @@ def launch(
     config: FinetuneConfig, nproc: int, *, resume: bool = False, stop_after: int | None = None
 ) -> int:
     """``--nproc-per-node N``: check everything here (one-line errors before any process
-    starts), write the run's args.json, then run ``python -m torch.distributed.run --standalone
-    --nproc-per-node N -m htsr_cli finetune --resume RUN_DIR``. Returns its exit status."""
+    starts), write the run's args.json, then run ``htsr finetune --resume RUN_DIR`` in N
+    processes through ``torch.distributed.run --standalone``
+    (:func:`htsr_cli.engine.distributed.torchrun`). Returns its exit status."""
     positive_int(nproc, "--nproc-per-node")
     if "TORCHELASTIC_RUN_ID" in os.environ or dist_env()[0] > 1:
         raise InputError("--nproc-per-node: already running under torchrun")
