@@ -257,6 +257,7 @@ def _bad_cases(r: dict, d: Path) -> dict:
         "bad-format": (b, "--fail-if", "alpha > 1", "-f", "yaml"),
         "missing-source": (d / "missing.json", "--fail-if", "alpha > 1"),
         "python-expression": (b, "--fail-if", "__import__('os').system('true') > 0"),
+        "no-source": ("--fail-if", "alpha > 1"),
     }
 
 
