@@ -342,3 +342,84 @@ def test_budget_step_is_bounded(crafted: dict[str, Path]) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["params"]["budget_step"] == 1e-300
+
+
+# ------------------------------------------------------------------------------------------
+# 3, 4 and 7. finetune --resume: a whole run directory, consent for user code, stale temps
+
+USER_ARCH = """
+import pathlib
+from torch import nn
+
+pathlib.Path(__file__).with_name("imported.marker").touch()  # the code of the module ran
+
+
+def build(*, num_classes=10, width=1.0, in_channels=3):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(32, num_classes),
+    )
+"""
+
+
+@pytest.fixture()
+def user_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A run of a user architecture (``htsr_user_arch_mod:build``) stopped after epoch 1 of 2."""
+    (tmp_path / "htsr_user_arch_mod.py").write_text(USER_ARCH)
+    run = tmp_path / "run"
+    proc = clirunner.run(
+        ["finetune", "--arch", "htsr_user_arch_mod:build", "--data", "digits", "--epochs", "2"]
+        + ["--lr", "0.05", "--batch-size", "64", "--stop-after", "1", "-o", run],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sys.modules.pop("htsr_user_arch_mod", None)  # a later import runs the module again
+    marker = tmp_path / "imported.marker"
+    assert marker.exists()
+    marker.unlink()
+    return run, marker
+
+
+def test_resume_needs_consent_to_import_user_code(user_run: tuple[Path, Path]) -> None:
+    run, marker = user_run
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    proc = clirunner.run(["finetune", "--resume", run], cwd=run.parent)
+    assert "htsr_user_arch_mod:build" in one_error_line(proc) and "--arch" in proc.stderr
+    assert not marker.exists()  # refused before any import
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    other = clirunner.run(["finetune", "--resume", run, "--arch", "resnet18"], cwd=run.parent)
+    assert "--arch cannot change" in one_error_line(other) and not marker.exists()
+    # The --arch given again is the consent of the first run: the run continues to epoch 2.
+    proc = clirunner.run(
+        ["finetune", "--resume", run, "--arch", "htsr_user_arch_mod:build"], cwd=run.parent
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists() and json.loads(proc.stdout)["epochs"] == 2
+    sys.modules.pop("htsr_user_arch_mod", None)
+
+
+def test_resume_refuses_a_run_directory_that_is_not_whole(user_run: tuple[Path, Path]) -> None:
+    """state.pt missing beside the epoch's weights and history: resuming used to retrain from
+    scratch over them (exit 0); it must refuse and leave every file as it was."""
+    run, _ = user_run
+    (run / "state.pt").unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    proc = clirunner.run(
+        ["finetune", "--resume", run, "--arch", "htsr_user_arch_mod:build"], cwd=run.parent
+    )
+    assert "state.pt" in one_error_line(proc) and "not a whole run" in proc.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    sys.modules.pop("htsr_user_arch_mod", None)
+
+
+def test_resume_removes_stale_temp_files(user_run: tuple[Path, Path]) -> None:
+    """A kill while an epoch was being saved leaves ``.state.pt.XXXX.tmp`` (and the like)."""
+    run, _ = user_run
+    for name in (".state.pt.abc123.tmp", ".model.safetensors.x_1.tmp", ".history.jsonl.q.tmp"):
+        (run / name).write_bytes(b"partial")
+    proc = clirunner.run(
+        ["finetune", "--resume", run, "--arch", "htsr_user_arch_mod:build"], cwd=run.parent
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert leftovers(run) == []
+    sys.modules.pop("htsr_user_arch_mod", None)

@@ -120,6 +120,9 @@ def launch(
     setup = prepare(config, resume=resume, world=nproc)
     setup.run.write_args(config.to_dict())  # the workers read their arguments from it
     argv = ["finetune", "--resume", str(setup.run.path)]
+    # The consent given here (a user --arch, --trust-pickle) goes to the workers, which resume.
+    argv += ["--arch", config.arch] if ":" in config.arch else []
+    argv += ["--trust-pickle"] if config.trust_pickle else []
     if stop_after is not None:
         argv += ["--stop-after", str(stop_after)]
     return torchrun(argv, nproc, threads=1)  # the one launcher, shared with htsr analyze

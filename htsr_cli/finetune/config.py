@@ -18,6 +18,10 @@ OPTIMIZERS = ("sgd", "adamw")
 AUGMENTS = ("auto", "crop-flip", "crop", "none")
 #: Arguments that ``--resume`` may change; every other one is fixed by the run's args.json.
 RUNTIME_OPTIONS = ("epochs", "device", "compile", "amp")
+#: Arguments that ``--resume`` takes again, unchanged, as consent that a run directory alone
+#: must not grant: importing the user module of an ``--arch package.module:function`` (its code
+#: runs) and unpickling code with ``--trust-pickle``.
+CONSENT_OPTIONS = ("arch", "trust_pickle")
 
 
 @dataclass
@@ -162,12 +166,35 @@ def _absolute_data(spec: str) -> str:
     return spec
 
 
+def is_user_arch(arch: Any) -> bool:
+    """Whether ``--arch`` names a user factory (``package.module:function``), whose module is
+    imported, i.e. whose code runs."""
+    return isinstance(arch, str) and ":" in arch
+
+
 def resume_config(run_dir: str | os.PathLike, **overrides: Any) -> FinetuneConfig:
     """The configuration of the run in ``run_dir`` (its args.json), with ``overrides`` of the
-    :data:`RUNTIME_OPTIONS` (None values are ignored)."""
+    :data:`RUNTIME_OPTIONS` (None values are ignored).
+
+    A run directory may come from someone else, so what would run code needs the same
+    consent as on the first run (:data:`CONSENT_OPTIONS`): a user ``--arch`` is imported only
+    when ``--arch`` is given again, unchanged, and a stored ``--trust-pickle`` holds only when
+    ``--trust-pickle`` is given again."""
     run = RunDir(run_dir)
     doc = run.read_args()
     given = {k: v for k, v in overrides.items() if v is not None}
+    consent = {k: given.pop(k) for k in CONSENT_OPTIONS if k in given}
+    args_file = run.path / "args.json"
+    if "arch" in consent and consent["arch"] != doc.get("arch"):
+        raise InputError(
+            f"--arch cannot change when resuming: the run's is {doc.get('arch')!r} ({args_file})"
+        )
+    if is_user_arch(doc.get("arch")) and "arch" not in consent:
+        raise InputError(
+            f"{args_file} names the user architecture {doc['arch']!r}: resuming imports "
+            f"and runs its code; pass --arch {doc['arch']} again to allow it"
+        )
+    doc["trust_pickle"] = bool(consent.get("trust_pickle", False))
     fixed = sorted(set(given) - set(RUNTIME_OPTIONS))
     if fixed:
         names = ", ".join("--" + k.replace("_", "-") for k in fixed)

@@ -103,6 +103,18 @@ class RunDir:
         if not self.file(ARGS).is_file():
             raise InputError(f"{self.path} is not an htsr finetune run directory (no {ARGS})")
 
+    def remove_stale_temps(self) -> list[str]:
+        """Remove the temporary files a run killed while saving left behind (``.state.pt.
+        XXXX.tmp`` and the like, :func:`htsr_cli.io.output.atomic_path`); returns their names.
+        Only on resume, by the one process that writes: nothing else writes there then."""
+        removed = []
+        for name in (ARGS, HISTORY, FINAL, MODEL, STATE):
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    removed.append(tmp.name)
+        return removed
+
     # -- arguments ----------------------------------------------------------------------------
 
     def write_args(self, args: Mapping[str, Any]) -> None:
@@ -122,6 +134,16 @@ class RunDir:
         """``state.pt`` (None when no epoch has finished yet), checked against the model file."""
         path = self.file(STATE)
         if not path.is_file():
+            # No epoch finished (a run stopped in its first epoch) only when nothing an epoch
+            # writes is there; else the run is not whole and resuming would retrain from
+            # scratch over its weights and history.
+            found = [n for n in (MODEL, HISTORY, FINAL) if self.file(n).exists()]
+            if found:
+                raise InputError(
+                    f"{self.path} is not a whole run: {found[0]} is there but {STATE} is "
+                    "missing, so it cannot be resumed exactly; restore it, or start a new "
+                    "run in another directory"
+                )
             return None
         try:
             import torch

@@ -110,6 +110,8 @@ def prepare(
     state = None
     if resume:
         run.check_resumable()
+        if rank == 0:
+            run.remove_stale_temps()
         state = run.read_state()
         if state is not None and state["epoch"] >= config.epochs:
             raise InputError(
