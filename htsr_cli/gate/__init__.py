@@ -9,8 +9,3 @@ importing torch; a checkpoint is analysed (torch imported) only when one is give
 - :mod:`.run`: :func:`~htsr_cli.gate.run.run_gate`, the library function behind ``htsr gate``.
 - :mod:`.diff`: :func:`~htsr_cli.gate.diff.run_diff`, behind ``htsr diff``.
 """
-
-#: ``htsr gate --format json``: the gate results of one model (docs/gates.md).
-GATE_REPORT_SCHEMA = "htsr.gate-report/1"
-#: ``htsr diff --format json``: the per-layer change between two analyses (docs/gates.md).
-DIFF_SCHEMA = "htsr.diff/1"

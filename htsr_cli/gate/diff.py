@@ -15,9 +15,9 @@ from typing import Any, TextIO
 from htsr_cli.engine.columns import METRICS
 from htsr_cli.engine.gates import compare
 from htsr_cli.errors import InputError
-from htsr_cli.gate import DIFF_SCHEMA
 from htsr_cli.gate.render import safe
 from htsr_cli.gate.sources import LoadedAnalysis, check_sources, load_analysis, pair
+from htsr_cli.io import schemas
 from htsr_cli.io.documents import finite
 from htsr_cli.io.output import check_writable, choose_format, dump_json, open_output
 from htsr_cli.io.terminal import ProgressBar, styled
@@ -50,7 +50,7 @@ class Diff:
     def to_dict(self) -> dict[str, Any]:
         """The ``htsr.diff/1`` document (NaN as null)."""
         return {
-            "schema": DIFF_SCHEMA,
+            "schema": schemas.DIFF,
             "a": self.a.describe(),
             "b": self.b.describe(),
             "metrics": list(self.metrics),

@@ -19,10 +19,10 @@ from typing import Any
 from htsr_cli.engine.columns import METRICS
 from htsr_cli.engine.gates import GateResult, evaluate_gates, parse_gate, require_metrics
 from htsr_cli.errors import InputError
-from htsr_cli.gate import GATE_REPORT_SCHEMA
 from htsr_cli.gate.config import GateConfig, resolve_config
 from htsr_cli.gate.render import EXTENSIONS, FORMATS, WRITERS, markdown, safe, text_lines
 from htsr_cli.gate.sources import LoadedAnalysis, Pairing, check_sources, load_analysis, pair
+from htsr_cli.io import schemas
 from htsr_cli.io.documents import is_analysis_document
 from htsr_cli.io.output import check_writable, open_output
 from htsr_cli.io.terminal import ProgressBar
@@ -65,7 +65,7 @@ class GateReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": GATE_REPORT_SCHEMA,
+            "schema": schemas.GATE_REPORT,
             "passed": self.passed,
             "source": self.source.describe(),
             "baseline": self.baseline.describe() if self.baseline else None,

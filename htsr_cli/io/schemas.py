@@ -15,6 +15,10 @@ LR_PLAN = "htsr.lr-plan/1"
 PRUNE_PLAN = "htsr.prune-plan/1"
 #: The pruning record stored in a pruned checkpoint (under :data:`PRUNE_META`).
 PRUNED_CHECKPOINT = "htsr.pruned-checkpoint/1"
+#: ``htsr gate --format json``: the gate results of one model (docs/gates.md).
+GATE_REPORT = "htsr.gate-report/1"
+#: ``htsr diff --format json``: the per-layer change between two analyses (docs/gates.md).
+DIFF = "htsr.diff/1"
 #: A finetune run's final.json.
 RUN = "htsr.run/1"
 #: A finetune run's args.json.
