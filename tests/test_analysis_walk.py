@@ -168,3 +168,56 @@ def test_the_walk_on_cuda_matches_the_cpu(ckpt: Path) -> None:
         ):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["name"], key)
         assert b["matrix_rank"] == a["matrix_rank"]
+
+
+# ------------------------------------------------------------------------------------------
+# rand_distance: the cheaper shuffle gives the numbers of the old one (issue 12)
+
+
+def _old_shuffled(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """The shuffle as it was before issue 12 (float32 in, float32 out), kept as the oracle."""
+    from htsr_cli.engine.spectrum import slices
+
+    rng = np.random.default_rng(seed)
+    mats = np.array(slices(weight.detach().cpu()).numpy(), copy=True)
+    for flat in mats.reshape(mats.shape[0], -1):
+        rng.shuffle(flat)
+    out = torch.from_numpy(mats)
+    out = out[0] if weight.ndim == 2 else out.permute(1, 2, 0).reshape(weight.shape)
+    return out.to(weight.device)
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (16, 8, 3, 3), (12, 6, 5)])
+def test_shuffle_is_the_old_permutation(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from htsr_cli.engine import spectrum
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    new = spectrum.shuffled(w, 11)
+    assert new.dtype == torch.float64 and torch.equal(new, _old_shuffled(w, 11).double())
+    monkeypatch.setattr(spectrum, "SHUFFLE_F64_BYTES", 0)  # a layer above the cap
+    small = spectrum.shuffled(w, 11)
+    assert small.dtype == torch.float32 and torch.equal(small, _old_shuffled(w, 11))
+
+
+def test_rand_distance_same_as_the_old_code_path(ckpt: Path) -> None:
+    """Every layer's rand_distance equals the old path's: eigenvalues of the old float32
+    shuffle, seeded (by hand here) from --seed and the layer name, and the JS distance."""
+    import zlib
+
+    from htsr_cli.engine import spectrum
+    from htsr_cli.engine.metrics import js_distance
+    from htsr_cli.io.checkpoint import open_checkpoint
+
+    seed = 7
+    result = analyze(str(ckpt), metrics=["rand_distance"], seed=seed, device="cpu")
+    sd = open_checkpoint(str(ckpt))
+    assert len(result.layers) == 8
+    for row in result.layers:
+        w = sd.load(row["name"] + ".weight").to(torch.float32)
+        layer_seed = (seed * 1_000_003 + zlib.crc32(row["name"].encode())) % (2**63)
+        old = js_distance(
+            spectrum.eigenvalues(w), spectrum.eigenvalues(_old_shuffled(w, layer_seed))
+        )
+        assert row["rand_distance"] == pytest.approx(old, rel=1e-12, abs=1e-15), row["name"]

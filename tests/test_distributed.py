@@ -86,12 +86,12 @@ def finish(procs: list[subprocess.Popen[str]]) -> list[tuple[int, str, str]]:
 
 
 def test_layer_cost_by_hand() -> None:
-    # Linear 4096x1024: Gram 4096 * 1024^2, eigen-solve 4 * 1024^3: 8 * 1024^3, twice with
+    # Linear 4096x1024: Gram 4096 * 1024^2, eigen-solve 3 * 1024^3: 7 * 1024^3, twice with
     # the shuffled copy of rand_distance.
-    assert distributed.layer_cost((4096, 1024), rand_distance=False) == 8 * 1024**3
-    assert distributed.layer_cost((1024, 4096)) == 16 * 1024**3
-    # Conv2d 64x32x3x3: 9 slices of 64x32: 9 * (64 * 32^2 + 4 * 32^3)
-    assert distributed.layer_cost((64, 32, 3, 3), rand_distance=False) == 9 * (65536 + 131072)
+    assert distributed.layer_cost((4096, 1024), rand_distance=False) == 7 * 1024**3
+    assert distributed.layer_cost((1024, 4096)) == 14 * 1024**3
+    # Conv2d 64x32x3x3: 9 slices of 64x32: 9 * (64 * 32^2 + 3 * 32^3)
+    assert distributed.layer_cost((64, 32, 3, 3), rand_distance=False) == 9 * (65536 + 98304)
     assert distributed.layer_cost((7,)) == 0.0
 
 
@@ -195,7 +195,6 @@ def test_rank_1_killed_stops_both_and_writes_nothing(tmp_path: Path) -> None:
     assert sorted(os.listdir(work)) == [ckpt.name]
 
 
-@pytest.mark.slow
 def test_rank_that_cannot_see_the_checkpoint(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -208,7 +207,6 @@ def test_rank_that_cannot_see_the_checkpoint(tmp_path: Path) -> None:
     assert sorted(os.listdir(a)) == ["m.pth"] and os.listdir(b) == []
 
 
-@pytest.mark.slow
 def test_mismatched_checkpoints_across_ranks(tmp_path: Path) -> None:
     """Rank 1 reads another file under the same name (another node's copy, say)."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -256,7 +254,6 @@ def test_nproc_per_node_input_errors(tmp_path: Path) -> None:
 # allocate and prune analyse through the same sharded walk
 
 
-@pytest.mark.slow
 def test_allocate_sharded_equals_local(tmp_path: Path) -> None:
     ckpt = mobilenet()
     local = clirunner.run(

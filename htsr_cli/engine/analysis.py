@@ -257,6 +257,13 @@ def analyze_layer(
         else weight.to(device)
     )
     wanted = frozenset(metrics)
+    shuffle: Future[torch.Tensor] | None = None
+    if "rand_distance" in wanted and w.device.type != "cpu":
+        # On a GPU the CPU shuffle runs beside the eigen-solve of the weight itself.
+        cpu_w = weight.detach().cpu()
+        if cpu_w.dtype not in (torch.float32, torch.float64):
+            cpu_w = cpu_w.to(torch.float32)
+        shuffle = _in_background(spectrum.shuffled, cpu_w, _layer_seed(seed, name))
     evals = spectrum.eigenvalues(w, device)
     if spectra is not None:
         spectra[name] = evals.cpu()
@@ -267,7 +274,12 @@ def analyze_layer(
     alpha = pl.alpha if pl is not None else math.nan
     rand_evals = None
     if "rand_distance" in wanted:
-        rand_evals = spectrum.eigenvalues(spectrum.shuffled(w, _layer_seed(seed, name)), device)
+        rand_w = (
+            shuffle.result().to(device=w.device, dtype=w.dtype)
+            if shuffle is not None
+            else spectrum.shuffled(w, _layer_seed(seed, name))
+        )
+        rand_evals = spectrum.eigenvalues(rand_w, device)
     rank = spectrum.matrix_rank(w, evals, geom)
     n_fit = int((evals > spectrum.EVALS_THRESH).sum())
     row: dict[str, Any] = {
@@ -296,6 +308,20 @@ def analyze_layer(
     warning = _warning(status, alpha, n_fit)
     row["warning"] = "; ".join(s for s in (reason, warning) if s)
     return row
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``fn(*args)`` on a new thread; its result (or exception) in the returned future."""
+    fut: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # handed to the caller's thread by fut.result()
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name="htsr-shuffle", daemon=True).start()
+    return fut
 
 
 def analyze(

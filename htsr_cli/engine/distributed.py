@@ -9,8 +9,9 @@ it in one line and every rank exits non-zero (docs/distributed.md).
 Rows travel through a gloo process group (a few KB per layer, so gloo even on CUDA); the
 progress count and the "a peer failed" flag travel through the rendezvous key-value store.
 
-``python -m htsr_cli.engine.distributed ARGS`` is ``torch.distributed.run ARGS`` without its
-log lines and traceback: the one launcher behind ``--nproc-per-node`` (:func:`torchrun`).
+:func:`torchrun` is the one launcher behind ``--nproc-per-node`` (analyze and finetune):
+torchrun's agent in this process, without its log lines and traceback. ``python -m
+htsr_cli.engine.distributed ARGS`` is the same for any torchrun command line (two nodes...).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -45,10 +45,10 @@ from htsr_cli.errors import (
     report_interrupt,
 )
 
-#: Eigen-solve flops per ``M**3`` of one slice, relative to the Gram's ``N*M**2``: LAPACK's
-#: ``eigvalsh`` (tridiagonal reduction, half of it memory-bound) measured ~4x the time of a
-#: ``4096x1024`` Gram per ``M**3`` on this project's CPUs (docs/distributed.md).
-EIG_COST_PER_M3 = 4.0
+#: Eigen-solve cost per ``M**3`` of one slice, in units of the Gram's cost per ``N*M**2``:
+#: LAPACK's ``eigvalsh`` of a 1024x1024 Gram took 0.070 CPU-s (65 ps per M**3) and the
+#: 4096x1024 Gram product 0.097 CPU-s (23 ps per N*M**2) on this project's CPU, one thread.
+EIG_COST_PER_M3 = 3.0
 #: How long ranks other than 0 wait for rank 0 to report a failure before exiting themselves.
 REPORT_WAIT_S = 60.0
 #: Collective timeout of the process group htsr creates: a rank may wait for a slower one
@@ -468,23 +468,22 @@ def torchrun(worker_argv: Sequence[str], nproc: int, *, threads: int | None = No
     ``torch.distributed.run --standalone`` and return the exit status: the first failed
     rank's (its own one-line error already printed), ``128 + signal`` for a rank killed by
     a signal (one line naming it here). ``threads`` sets ``OMP_NUM_THREADS`` for each worker
-    unless the caller's environment sets it (default: the cores divided between them)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "htsr_cli.engine.distributed",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "htsr_cli",
-        *worker_argv,
-    ]
-    env = dict(os.environ)
+    unless the caller's environment sets it (default: the cores divided between them).
+
+    torchrun's agent runs in this process (which has imported torch already: one start-up
+    fewer than a ``python -m torch.distributed.run`` child), its log lines silenced."""
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         threads = max(1, cores // nproc)
-    env.setdefault("OMP_NUM_THREADS", str(threads))  # N processes share the cores
-    return subprocess.call(cmd, env=env)
+    saved = dict(os.environ)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # N processes share the cores
+    try:
+        return _run_torchrun(
+            ["--standalone", f"--nproc-per-node={nproc}", "-m", "htsr_cli", *worker_argv]
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _run_torchrun(argv: list[str]) -> int:
