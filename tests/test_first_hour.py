@@ -162,7 +162,9 @@ def test_table_fits_the_terminal_without_a_cut_cell(tables, demo, columns: int) 
     assert rc == 0, err
     assert "Traceback" not in err
     assert "…" not in out and "..." not in out, out  # no cell cut short
-    for line in out.splitlines():
+    title, *lines = out.splitlines()
+    assert title.startswith(DEMO)  # the source's path: text that may wrap, not a cell
+    for line in lines:
         assert cell_len(ANSI.sub("", line)) <= columns, (columns, line)
     header = _header(out)
     assert header[:3] == ["layer", "shape", "alpha"], header
@@ -322,9 +324,15 @@ def test_key_picks_the_state_dict_explicitly(tmp_path: Path) -> None:
     for argv in (
         ["allocate", path, "--key", "ema", "--lr", "0.1", "-f", "json"],
         ["plot", "esd", path, "--key", "ema", "-o", tmp_path / "esd.png"],
+        ["prune", path, "--key", "ema", "--sparsity", "0.5", "-o", tmp_path / "p.safetensors"],
     ):
         run = clirunner.run(argv, env=_env())
         assert run.returncode == 0, (argv, run.stderr)
+    from safetensors.torch import load_file
+
+    pruned = load_file(str(tmp_path / "p.safetensors"))  # the EMA weights, some zeroed
+    kept = pruned["0.weight"] != 0
+    assert torch.equal(pruned["0.weight"][kept], ema["0.weight"][kept]) and not kept.all()
     bad = clirunner.run(["analyze", path, "--key", "nope"], env=_env())
     one_line_error(bad, "--key 'nope'", "model, ema, deep")
 
@@ -464,6 +472,9 @@ COMMANDS = [
     ["plot", "prune-plan"],
     ["plot", "history"],
     ["plot", "tradeoff"],
+    ["gate"],
+    ["diff"],
+    ["plot", "diff"],
 ]
 
 
@@ -567,6 +578,84 @@ def test_finetune_into_a_closed_pipe_exits_141(tmp_path: Path) -> None:
     assert "rc=141" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "htsr: error" not in proc.stderr
     assert (run_dir / "final.json").is_file()  # the run itself is complete
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Pruned Hugging Face checkpoints stay loadable
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT saved by transformers, plus tokenizer-like side files and a stale
+    weight file that must not be copied."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf") / "tiny-bert"
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).save_pretrained(root)
+    (root / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    (root / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    return root
+
+
+def test_prune_into_a_directory_that_from_pretrained_loads(hf_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    out = tmp_path / "pruned"
+    single = tmp_path / "pruned.safetensors"
+    base = ["prune", hf_dir, "--sparsity", "0.5", "--method", "uniform", "-f", "json"]
+    proc = clirunner.run([*base, "-o", out], env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert clirunner.run([*base, "-o", single], env=_env()).returncode == 0  # today's form
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (hf_dir / name).read_bytes()
+    # The directory's weights are the single file's (same plan, same zeroed weights).
+    mine, theirs = load_file(str(out / "model.safetensors")), load_file(str(single))
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    model, info = BertModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    original = BertModel.from_pretrained(hf_dir)
+    plan = json.loads(proc.stdout)
+    state = model.state_dict()
+    for layer in plan["layers"]:
+        w = state[f"{layer['name']}.weight"]
+        zeros = int((w == 0).sum())
+        # uniform: every prunable layer loses the same share; the zeros are the plan's.
+        assert zeros == layer["params_before"] - layer["params_after"], layer["name"]
+        assert zeros > 0
+    assert torch.equal(
+        state["embeddings.word_embeddings.weight"],
+        original.state_dict()["embeddings.word_embeddings.weight"],
+    )  # embeddings are not pruned
+
+
+def test_directory_output_refusals(hf_dir: Path, tmp_path: Path) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    base = ["prune", hf_dir, "--sparsity", "0.5"]
+    one_line_error(clirunner.run([*base, "-o", busy], env=_env()), "not empty")
+    assert (busy / "keep.txt").read_text() == "mine"
+    one_line_error(clirunner.run([*base, "-o", hf_dir], env=_env()), "input")
+    structured = [*base, "--structured", "--arch", "resnet18", "-o", tmp_path / "s"]
+    one_line_error(clirunner.run(structured, env=_env()), "unstructured")
+    assert not (tmp_path / "s").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no temporary left
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ _EPILOG = (
     "  htsr analyze m.safetensors --format json | htsr prune - --sparsity 0.5 --format json "
     "> plan.json\n\n"
     "  htsr prune m.safetensors --plan plan.json -o pruned.safetensors\n\n"
+    "  htsr prune ./bert-dir --sparsity 0.3 -o ./bert-pruned/    # from_pretrained loads it\n\n"
     "Methods: metric (default; --metric, --more-where, --mapping, --eps), uniform, erk, lamp; "
     "formulas in docs/prune.md. Prunable parameters are the Conv/Linear weights except the "
     "classifier (and embeddings).\n\n" + options.exit_codes()
@@ -123,11 +124,17 @@ def prune_command(
         help="The plan on stdout: table | json. Default: a table on a terminal, json in a pipe.",
     ),
     output: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--output", "-o", help="Write the pruned checkpoint here (.safetensors, atomically)."
+        None,
+        "--output",
+        "-o",
+        help="Write the pruned checkpoint here, atomically: a .safetensors file, or a directory "
+        "(ends with /, or no extension) with model.safetensors and the source directory's "
+        "config.json and other files, which from_pretrained loads.",
     ),
     fit: Optional[str] = options.fit(None, "On-the-fly analysis: ", "Default ww."),  # noqa: UP045
     device: Optional[str] = options.device(None, "On-the-fly analysis: "),  # noqa: UP045
     trust_pickle: bool = options.trust_pickle(),
+    key: Optional[str] = options.key(),  # noqa: UP045
     progress: Optional[bool] = typer.Option(  # noqa: UP045
         None, "--progress/--no-progress", help="Progress on stderr (default: on a terminal)."
     ),
@@ -161,6 +168,7 @@ def prune_command(
         exclude=exclude,
         prune_embeddings=prune_embeddings,
         trust_pickle=trust_pickle,
+        key=key,
         fit=fit,
         device=device,
     )

@@ -14,6 +14,7 @@ from htsr_cli.errors import InputError
 from htsr_cli.io.documents import is_analysis_document, read_analysis
 from htsr_cli.io.output import check_writable
 from htsr_cli.prune import budgets as B
+from htsr_cli.prune.hf_dir import check_directory_output, is_directory_output
 from htsr_cli.prune.layers import (
     Layer,
     method_budgets,
@@ -81,7 +82,13 @@ def _check_options(
         raise TypeError(f"prune() got unexpected keyword argument(s) {sorted(unknown)}")
 
 
-def _check_output(output: str | None, source: Any, document: bool, files: Sequence[str]) -> None:
+def _check_output(
+    output: str | None,
+    source: Any,
+    document: bool,
+    files: Sequence[str],
+    structured: bool = False,
+) -> None:
     if output is None:
         return
     if document:
@@ -89,6 +96,9 @@ def _check_output(output: str | None, source: Any, document: bool, files: Sequen
             "-o writes a pruned checkpoint, which needs a checkpoint SOURCE, not an "
             "analysis document (the plan itself goes to stdout)"
         )
+    if is_directory_output(output):  # a model directory (htsr_cli.prune.hf_dir)
+        check_directory_output(output, source, structured=structured)
+        return
     if not str(output).endswith(".safetensors"):
         raise InputError(f"-o {output}: a pruned checkpoint is a .safetensors file")
     check_writable(output, [source, *files])
@@ -158,6 +168,7 @@ def prune(
     prune_embeddings: bool = False,
     output: str | None = None,
     trust_pickle: bool = False,
+    key: str | None = None,
     on_progress: Progress | None = None,
     **analyze_options: Any,
 ) -> PrunePlan:
@@ -189,8 +200,12 @@ def prune(
         plan: a prune-plan document whose per-layer budgets are reused (method ``plan``).
         exclude: globs of layer names never to prune.
         prune_embeddings: also prune embedding tables (unstructured).
-        output: path of the pruned ``.safetensors`` checkpoint (written atomically).
+        output: path of the pruned ``.safetensors`` checkpoint (written atomically), or of a
+            model directory (ends with ``/``, exists, or has no extension; unstructured
+            only): ``model.safetensors`` plus the source directory's config.json and other
+            non-weight files, loadable by ``from_pretrained`` (:mod:`htsr_cli.prune.hf_dir`).
         trust_pickle: allow torch files that need code to unpickle.
+        key: where the state dict is inside a torch file (``--key``); None finds it.
         on_progress: called as ``(done, total or None, description)``.
         **analyze_options: ``fit``, ``device``, ``analysis_seed`` for the on-the-fly analysis.
 
@@ -229,10 +244,11 @@ def prune(
         in_channels=in_channels,
         trust_pickle=trust_pickle,
         on_progress=on_progress,
+        key=key,
     )
     try:
         ctx.open()
-        _check_output(output, source, document, ctx.input_files())
+        _check_output(output, source, document, ctx.input_files(), structured)
         if ctx.mode_needs_arch(structured):
             raise InputError("--structured needs --arch (the architecture to rebuild and prune)")
         # 1. Which layers: every layer, the classifier, the prunable ones and the target.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from htsr_cli.errors import InputError, one_line
 from htsr_cli.io.checkpoint import KEY_ORDER_META, Checkpoint, open_checkpoint, save_safetensors
 from htsr_cli.io.documents import read_analysis
 from htsr_cli.prune import budgets as B
+from htsr_cli.prune.hf_dir import directory_output, is_directory_output
 from htsr_cli.prune.layers import Layer, checkpoint_layers, guess_classifier
 from htsr_cli.prune.plan import GroupPlan, PrunePlan
 from htsr_cli.prune.record import (
@@ -64,6 +66,8 @@ class Context:
     in_channels: int
     trust_pickle: bool
     on_progress: Callable[[int, int | None, str], None] | None
+    #: Where the state dict is inside a torch file (``--key``); None finds it.
+    key: str | None = None
     ckpt: Checkpoint | None = None
     doc: dict[str, Any] = field(default_factory=dict)
     label: str = ""
@@ -75,7 +79,7 @@ class Context:
             self.doc, label = read_analysis(self.source)
             self.label = label or "analysis"
             return
-        self.ckpt = open_checkpoint(self.source, trust_pickle=self.trust_pickle)
+        self.ckpt = open_checkpoint(self.source, trust_pickle=self.trust_pickle, key=self.key)
         self.ckpt.start_hashing()
         self.record = read_prune_record(self.ckpt)
         self.label = str(self.ckpt.path or "checkpoint")
@@ -314,13 +318,19 @@ def run_unstructured(
     base = {k: v for k, v in ctx.ckpt.metadata().items() if k not in ("format", KEY_ORDER_META)}
     if ctx.ckpt.model_order:  # the file keeps the model's order: say so, as htsr's writers do
         base[KEY_ORDER_META] = json.dumps([r.key for r in ctx.ckpt.tensors()])
-    write_pruned(
-        ctx.ckpt,
-        output,
-        {lp.name: lp.params_before - lp.params_after for lp in result.layers},
-        record_metadata(record, base),
-        on_tensor=lambda d, t, n: ctx.progress(d, t, f"write {n}"),
-    )
+    counts = {lp.name: lp.params_before - lp.params_after for lp in result.layers}
+
+    def on_tensor(done: int, total: int | None, name: str) -> None:
+        ctx.progress(done, total, f"write {name}")
+
+    metadata = record_metadata(record, base)
+    if is_directory_output(output):
+        # A model directory: the weights plus config.json and the other files beside them.
+        src = ctx.ckpt.path if ctx.ckpt.path and os.path.isdir(ctx.ckpt.path) else None
+        with directory_output(output, src) as weights:
+            write_pruned(ctx.ckpt, weights, counts, metadata, on_tensor=on_tensor)
+    else:
+        write_pruned(ctx.ckpt, output, counts, metadata, on_tensor=on_tensor)
 
 
 def _verify_reload(ctx: Context, model: nn.Module, history: list[Any]) -> None:
