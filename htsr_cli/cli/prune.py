@@ -58,8 +58,24 @@ def prune_command(
         help="linear: AlphaPruning's [1-eps, 1+eps] map; proportional: the thesis's ratio "
         "proportional to the metric (or its inverse).",
     ),
-    eps: float = typer.Option(
-        defaults.EPS, "--eps", help="Half-width of the linear mapping, [0, 1)."
+    eps: Optional[float] = typer.Option(  # noqa: UP045
+        None,
+        "--eps",
+        help=f"Half-width of the linear mapping, [0, 1). Default {defaults.EPS}, or the "
+        "--preset's.",
+    ),
+    block_wise: Optional[bool] = typer.Option(  # noqa: UP045
+        None,
+        "--block-wise/--layer-wise",
+        help="metric method: one ratio per transformer block from the block's mean metric "
+        "(AlphaPruning's block_wise; blocks: model.layers.N., encoder.layer.N., h.N., "
+        "blocks.N.). Default layer-wise, or the --preset's.",
+    ),
+    block_pattern: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--block-pattern",
+        help="Regular expression naming a layer's block (its first group, else the match), "
+        "e.g. 'stage\\d+'; implies --block-wise.",
     ),
     budget_step: Optional[float] = typer.Option(  # noqa: UP045
         None,
@@ -72,10 +88,11 @@ def prune_command(
         "--max-ratio",
         help="No layer (or coupled group) loses a larger fraction.",
     ),
-    min_evals: int = typer.Option(
-        defaults.PLAN_MIN_EVALS,
+    min_evals: Optional[int] = typer.Option(  # noqa: UP045
+        None,
         "--min-evals",
-        help="metric method: layers with fewer eigenvalues get the average budget.",
+        help="metric method: layers with fewer eigenvalues get the average budget. Default "
+        f"{defaults.PLAN_MIN_EVALS}, or the --preset's.",
     ),
     structured: bool = typer.Option(
         False, "--structured", help="Remove whole channels with Torch-Pruning (needs --arch)."
@@ -134,6 +151,9 @@ def prune_command(
     fit: Optional[str] = options.fit(None, "On-the-fly analysis: ", "Default ww."),  # noqa: UP045
     device: Optional[str] = options.device(None, "On-the-fly analysis: "),  # noqa: UP045
     trust_pickle: bool = options.trust_pickle(),
+    preset: Optional[str] = options.preset(  # noqa: UP045
+        "alphapruning: AlphaPruning's LLM defaults (alpha_peak, eps 0.3, block-wise). "
+    ),
     key: Optional[str] = options.key(),  # noqa: UP045
     progress: Optional[bool] = typer.Option(  # noqa: UP045
         None, "--progress/--no-progress", help="Progress on stderr (default: on a terminal)."
@@ -171,4 +191,7 @@ def prune_command(
         key=key,
         fit=fit,
         device=device,
+        block_wise=block_wise,
+        block_pattern=block_pattern,
+        preset=preset,
     )

@@ -10,6 +10,7 @@ import numpy as np
 
 from htsr_cli import defaults
 from htsr_cli.engine.columns import METRICS
+from htsr_cli.engine.presets import check_fit, get_preset
 from htsr_cli.errors import InputError
 from htsr_cli.io.documents import is_analysis_document, read_analysis
 from htsr_cli.io.output import check_writable
@@ -25,7 +26,7 @@ from htsr_cli.prune.structured import check_importance
 
 Progress = Callable[[int, int | None, str], None]
 #: analyze() options prune passes on when it analyses a checkpoint for the metric method.
-ANALYZE_OPTIONS = frozenset({"fit", "device", "analysis_seed"})
+ANALYZE_OPTIONS = frozenset({"fit", "device", "analysis_seed", "preset"})
 
 
 def _check_target(sparsity: float | None, keep_params: int | None) -> None:
@@ -150,10 +151,10 @@ def prune(
     metric: str = "alpha",
     more_where: str = "larger",
     mapping: str = "linear",
-    eps: float = defaults.EPS,
+    eps: float | None = None,
     budget_step: float | None = None,
     max_ratio: float = defaults.MAX_RATIO,
-    min_evals: int = defaults.PLAN_MIN_EVALS,
+    min_evals: int | None = None,
     structured: bool = False,
     unstructured: bool = False,
     arch: str | None = None,
@@ -170,6 +171,9 @@ def prune(
     trust_pickle: bool = False,
     key: str | None = None,
     on_progress: Progress | None = None,
+    block_wise: bool | None = None,
+    block_pattern: str | None = None,
+    preset: str | None = None,
     **analyze_options: Any,
 ) -> PrunePlan:
     """Plan (and with ``output``, apply and save) the pruning of a model to a global target.
@@ -207,6 +211,12 @@ def prune(
         trust_pickle: allow torch files that need code to unpickle.
         key: where the state dict is inside a torch file (``--key``); None finds it.
         on_progress: called as ``(done, total or None, description)``.
+        block_wise: one ratio per transformer block from the block's mean metric
+            (AlphaPruning's ``block_wise``); ``block_pattern``, a regular expression whose
+            first group (else match) names a layer's block, implies it (docs/prune.md).
+        preset: ``alphapruning``: AlphaPruning's LLM defaults (alpha from its ``xmin_peak``
+            conventions, eps 0.3, block-wise, no eigenvalue threshold; docs/presets.md).
+            ``eps`` defaults to 0.2 and ``min_evals`` to 50 without it.
         **analyze_options: ``fit``, ``device``, ``analysis_seed`` for the on-the-fly analysis.
 
     Raises:
@@ -215,6 +225,15 @@ def prune(
     from htsr_cli.prune.apply import Context, run_structured, run_unstructured
 
     method, plan_doc, plan_label = _method_and_plan(method, plan, structured, unstructured)
+    tool = get_preset(preset, "prune")
+    if tool is not None:  # the tool's defaults; options given explicitly win
+        eps = tool.prune["eps"] if eps is None else eps
+        min_evals = tool.prune["min_evals"] if min_evals is None else min_evals
+        block_wise = tool.prune["block_wise"] if block_wise is None else block_wise
+        analyze_options = {**analyze_options, "preset": tool.name}
+        check_fit(tool, analyze_options.setdefault("fit", tool.fit) or tool.fit)
+    eps = defaults.EPS if eps is None else eps
+    min_evals = defaults.PLAN_MIN_EVALS if min_evals is None else min_evals
     _check_options(
         method,
         metric,
@@ -277,12 +296,20 @@ def prune(
             min_evals=min_evals,
             plan=None if plan_doc is None else _reused_budgets(plan_doc, plan_label, names),
             weights=ctx.weight_loader(structured),
+            block_wise=bool(block_wise),
+            block_pattern=block_pattern,
         )
         # 3. The plan document, then (with an output) the pruning that fills in "achieved".
         params = _plan_params(
             method, max_ratio, budget_step, classifier, exclude, prune_embeddings,
             more_where, mapping, min_evals, eps, plan_label if plan_doc is not None else None,
         )  # fmt: skip
+        if method == "metric":
+            params.update(
+                block_wise=bool(block_wise or block_pattern),
+                block_pattern=block_pattern,
+                preset=tool.name if tool else None,
+            )
         result = PrunePlan(
             source=ctx.source_record(),
             mode="structured" if structured else "unstructured",
