@@ -221,6 +221,7 @@ class Group:
         self._poller: threading.Thread | None = None
         self._stop_poll = threading.Event()
         self._old_sigterm: Any = None
+        self._failed = False  # a failure was raised: rank 0's exit must release the peers
 
     @classmethod
     def from_env(cls, shard: bool | None = None) -> Group:
@@ -288,6 +289,8 @@ class Group:
         """Rank 0 at exit: tell the peers it has reported, wait (briefly) until they have
         heard it, then tear down the group it kept alive after a failure (gloo's threads
         abort the process when left running at exit)."""
+        if not self._failed:
+            return  # a finished run: nobody waits, the group is gone already
         try:
             self._set("exited", "1")
             deadline = time.monotonic() + 10.0
@@ -374,6 +377,7 @@ class Group:
         """Stop every rank on the first failure: rank 0 raises it (its one line), the others
         wait until rank 0 has reported and exited, then exit with the same status."""
         first = min(failures, key=lambda f: (f.order, f.rank))
+        self._failed = True
         if self.rank == 0:
             raise RankFailed(first.line(), first.exit_code)
         if self._store is not None:
