@@ -271,3 +271,42 @@ def test_allocate_sharded_equals_local(tmp_path: Path) -> None:
     assert os.listdir(work) == ["two.json"]  # rank 0's plan only
     one, two = (json.loads(p.read_text()) for p in (tmp_path / "one.json", work / "two.json"))
     assert two == one
+
+
+_PROGRESS = r"""
+import json, os, sys
+from htsr_cli.engine.analysis import analyze
+calls = []
+res = analyze(sys.argv[1], device="cpu", jobs=1, on_progress=lambda d, t, n: calls.append([d, t]))
+print(json.dumps({"calls": calls, "layers": len(res.layers)}))
+"""
+
+
+def test_one_progress_display_counting_every_rank() -> None:
+    """The Python API on 2 ranks: rank 0's on_progress counts both ranks' layers up to the
+    total; rank 1 shows none; both return the whole analysis."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROGRESS, str(mobilenet())],
+            env=env(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                WORLD_SIZE="2",
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    (c0, o0, e0), (c1, o1, e1) = finish(procs)
+    assert (c0, c1) == (0, 0), e0 + e1
+    rank0, rank1 = json.loads(o0), json.loads(o1)
+    assert rank0["layers"] == rank1["layers"] == 53
+    assert rank1["calls"] == []
+    done = [d for d, _ in rank0["calls"]]
+    assert rank0["calls"][-1] == [53, 53] and done == sorted(done)
+    assert all(t == 53 for _, t in rank0["calls"])
