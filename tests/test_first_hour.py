@@ -50,7 +50,7 @@ DEMO_LAYERS = (
 METRIC_HEADERS = {
     "alpha": "alpha",
     "rand_distance": "rand_dist",
-    "stable_rank": "stable_rank",
+    "stable_rank": "srank",
     "entropy": "entropy",
     "norm": "norm",
     "log_norm": "log_norm",
@@ -176,6 +176,22 @@ def test_table_fits_the_terminal_without_a_cut_cell(tables, demo, columns: int) 
         for m in shown:  # every metric cell is the analysis's value, rounded (not cut)
             got = float(cells[header.index(METRIC_HEADERS[m])])
             assert got == pytest.approx(row[m], abs=5e-4), (row["name"], m)
+
+
+def test_bert_names_still_leave_two_headline_metrics_at_80(tmp_path: Path) -> None:
+    # BERT-base's longest layer names (39 characters) and 4-digit shapes.
+    gen = torch.Generator().manual_seed(0)
+    names = [f"encoder.layer.{i}.attention.output.dense" for i in range(12)]
+    path = tmp_path / "bert.safetensors"
+    save_file({f"{n}.weight": torch.randn(1000, 100, generator=gen) for n in names}, str(path))
+    rc, out, err = run_in_pty(htsr_cmd("analyze", path), 80, _env(NO_COLOR="1"))
+    assert rc == 0, err
+    assert "…" not in out
+    header = _header(out)
+    assert header[:3] == ["layer", "shape", "alpha"]
+    assert sum(h in header for h in METRIC_HEADERS.values()) >= 3, header
+    assert all(n in out for n in names)
+    assert all(cell_len(line) <= 80 for line in out.splitlines()[1:])
 
 
 def test_wider_terminals_show_more_columns(tables) -> None:

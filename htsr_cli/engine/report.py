@@ -81,7 +81,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+#: Table headers of the long column names (the headers decide most column widths).
 _SHORT = {
+    "stable_rank": "srank",
     "rand_distance": "rand_dist",
     "log_spectral_norm": "log_spec_norm",
     "spectral_norm": "spec_norm",
@@ -180,6 +182,7 @@ def _cell(row: dict[str, Any], col: str) -> Text:
 def _build_table(analysis: Analysis, cols: Sequence[str], flags: bool) -> Table:
     table = Table(
         box=box.SIMPLE_HEAD,
+        collapse_padding=True,  # two spaces between columns, not three: more fit at 80
         pad_edge=False,
         header_style="bold",
         show_edge=False,
