@@ -12,8 +12,10 @@ import copy
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -423,3 +425,208 @@ def test_resume_removes_stale_temp_files(user_run: tuple[Path, Path]) -> None:
     assert proc.returncode == 0, proc.stderr
     assert leftovers(run) == []
     sys.modules.pop("htsr_user_arch_mod", None)
+
+
+# ------------------------------------------------------------------------------------------
+# 7. Signals and output errors
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_termination_signals_are_an_interrupt(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM / SIGHUP during analyze: exit 130, the one 'htsr: interrupted' line, and no
+    partial ``.report.json.XXXX.tmp`` beside -o (they used to kill it silently, leaving it)."""
+    g = torch.Generator().manual_seed(0)
+    ckpt = tmp_path / "many.safetensors"
+    save_file({f"l{i}.weight": torch.randn(500, 400, generator=g) for i in range(60)}, ckpt)
+    target = tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "htsr_cli", "analyze", ckpt, "--format", "ndjson", "-o", target]
+        + ["--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".tmp") and p.stat().st_size for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline  # a layer is being written
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err == "htsr: interrupted\n" and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze", "{ckpt}", "--format", "json", "-o", "/dev/full"],
+        ["analyze", "{ckpt}", "--format", "ndjson", "-o", "/dev/full"],
+        ["allocate", "{analysis}", "--lr", "0.1", "-o", "/dev/full"],
+        ["allocate", "{analysis}", "--lr", "0.1", "--format", "csv", "-o", "/dev/full"],
+    ],
+)
+def test_a_full_device_is_an_input_error(crafted: dict[str, Path], argv: list[str]) -> None:
+    """``-o /dev/full`` (a full disk) exited 3, "a bug"; it is the environment: exit 2."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    args = [a.format(**{k: str(v) for k, v in crafted.items()}) for a in argv]
+    proc = clirunner.run(args)
+    assert "No space left on device" in one_error_line(proc)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze", "{ckpt}", "--format", "table"],
+        ["prune", "{analysis}", "--sparsity", "0.3"],
+    ],
+)
+def test_a_full_stdout_is_an_input_error(crafted: dict[str, Path], argv: list[str]) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    args = [a.format(**{k: str(v) for k, v in crafted.items()}) for a in argv]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "htsr_cli", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "htsr: error: cannot write stdout: No space left on device\n"
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Shards resolve inside the model directory
+
+
+def _sharded(d: Path, weight_map: dict[str, str]) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return d
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_a_shard_outside_the_model_directory_is_refused(tmp_path: Path, how: str) -> None:
+    outside = tmp_path / "secret.safetensors"
+    save_file({"a.weight": torch.randn(30, 20)}, outside)
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    save_file({"b.weight": torch.randn(30, 20)}, model / "inside.safetensors")
+    name = {"dotdot": "../../secret.safetensors", "absolute": str(outside)}.get(
+        how, "link.safetensors"
+    )
+    if how == "symlink":
+        (model / name).symlink_to(outside)
+    _sharded(model, {"a.weight": name, "b.weight": "inside.safetensors"})
+    out = tmp_path / "report.json"
+    proc = clirunner.run(["analyze", model, "--format", "json", "-o", out])
+    assert "outside the model directory" in one_error_line(proc)
+    assert not out.exists() and "secret" not in proc.stdout
+
+
+def test_hugging_face_cache_links_stay_allowed(tmp_path: Path) -> None:
+    """The hub's snapshots/<hash>/ files are links to ../../blobs: still one model."""
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for i, key in enumerate(("a.weight", "b.weight")):
+        save_file({key: torch.randn(30, 20)}, repo / "blobs" / f"blob{i}")
+        (snap / f"model-{i}.safetensors").symlink_to(f"../../blobs/blob{i}")
+    _sharded(snap, {"a.weight": "model-0.safetensors", "b.weight": "model-1.safetensors"})
+    proc = clirunner.run(["analyze", snap, "--format", "json"])
+    assert proc.returncode == 0, proc.stderr
+    assert [x["name"] for x in json.loads(proc.stdout)["layers"]] == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------------
+# 9. Honest messages
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("touch htsr-pickle-ran",))
+
+
+def test_a_pickle_that_runs_code_is_named_so(tmp_path: Path) -> None:
+    """torch 2.13 refuses it as 'unsupported GLOBAL ... blocked'; htsr said 'corrupt'."""
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"fc.weight": torch.randn(30, 20), "x": _RunsCode()}, ckpt)
+    proc = clirunner.run(["analyze", ckpt], cwd=tmp_path)
+    line = one_error_line(proc)
+    assert "needs arbitrary code to unpickle" in line and "--trust-pickle" in line
+    assert "corrupt" not in line and not (tmp_path / "htsr-pickle-ran").exists()
+
+
+def test_a_finite_weight_whose_gram_overflows_is_not_called_nan(tmp_path: Path) -> None:
+    ckpt = tmp_path / "big.safetensors"
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(30, 20, generator=g, dtype=torch.float64) * 1e200
+    save_file({"big.weight": big, "ok.weight": torch.randn(30, 20, dtype=torch.float64)}, ckpt)
+    proc = clirunner.run(["analyze", ckpt, "--format", "json"])
+    assert proc.returncode == 0, proc.stderr
+    (skipped,) = json.loads(proc.stdout)["skipped"]
+    assert skipped["name"] == "big" and "NaN" not in skipped["reason"]
+    assert "overflow" in skipped["reason"] and f"{float(big.abs().max()):.3g}" in skipped["reason"]
+
+
+def test_a_plan_never_holds_a_non_finite_number(crafted: dict[str, Path], tmp_path: Path) -> None:
+    """--lr 1e308 --s2 1e308 wrote "lr": null at exit 0."""
+    out = tmp_path / "plan.json"
+    proc = clirunner.run(
+        ["allocate", crafted["plain_json"], "--lr", "1e308", "--s2", "1e308", "--all-layers"]
+        + ["-o", out]
+    )
+    assert "not a finite number" in one_error_line(proc) and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze", "{fifo}.safetensors"],
+        ["allocate", "{fifo}.json", "--lr", "0.1"],
+        ["prune", "{fifo}.json", "--sparsity", "0.5"],
+        ["plot", "metrics", "{fifo}.json", "-o", "{dir}/fig.png"],
+    ],
+    ids=["analyze", "allocate", "prune", "plot"],
+)
+def test_a_fifo_is_refused_as_an_input(tmp_path: Path, argv: list[str]) -> None:
+    """open() of a FIFO blocks until a writer comes: it used to hang."""
+    for ext in (".safetensors", ".json"):
+        os.mkfifo(tmp_path / f"fifo{ext}")
+    args = [a.format(fifo=tmp_path / "fifo", dir=tmp_path) for a in argv]
+    proc = subprocess.run(
+        [sys.executable, "-m", "htsr_cli", *args], capture_output=True, text=True, timeout=60
+    )
+    assert "not a regular file" in one_error_line(proc)
+
+
+def test_outputs_to_special_files_stay_allowed(crafted: dict[str, Path]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "htsr_cli", "analyze", crafted["plain"], "--format", "json"]
+        + ["-o", "/dev/stdout"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["schema"] == "htsr.analysis/1"
+
+
+def test_library_warnings_do_not_break_the_one_line_error(tmp_path: Path) -> None:
+    """numpy warns 'overflow encountered in matmul' on the way to this error (the Gram of a
+    1e200 weight): stderr must still be the one error line (HTSR_DEBUG=1 shows warnings)."""
+    ckpt = tmp_path / "big.safetensors"
+    save_file({"big.weight": torch.randn(30, 20, dtype=torch.float64) * 1e200}, ckpt)
+    cmd = [sys.executable, "-m", "htsr_cli", "allocate", str(ckpt), "--lr", "0.1"]
+    env = {k: v for k, v in os.environ.items() if k != "HTSR_DEBUG"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert "no layer could be analysed" in one_error_line(proc)
+    debug = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**env, "HTSR_DEBUG": "1"}
+    )
+    assert "RuntimeWarning" in debug.stderr  # the warning is real; htsr only hides it

@@ -489,6 +489,15 @@ def allocate(
         )
         for i, layer in enumerate(layers)
     ]
+    # A plan never holds a non-finite number (JSON would write null, and a trainer would
+    # read no learning rate): options whose product overflows are refused.
+    for p in plan_layers:
+        wd_value = None if wd is None or p.wd_multiplier is None else wd * p.wd_multiplier
+        if not all(math.isfinite(v) for v in (p.multiplier, p.lr, wd_value or 0.0)):
+            raise InputError(
+                f"layer {p.name!r}: --lr {lr:g} times its multiplier {p.multiplier:g} "
+                "(--s1/--s2, --wd) is not a finite number; choose smaller values"
+            )
     params: dict[str, Any] = {
         **scheme_params,
         "s1": s1,

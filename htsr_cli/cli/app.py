@@ -6,8 +6,14 @@ Exit codes: 0 ok, 1 a ``--fail-if`` gate failed, 2 usage or input error (one lin
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -68,14 +74,55 @@ def _command_path(argv: list[str] | None) -> str:
     return f"htsr {sub}" if sub in names else "htsr"
 
 
+def _interrupt(_sig: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _terminations_as_interrupt() -> Callable[[], None]:
+    """SIGTERM and SIGHUP (a ``kill``, a closed terminal) end htsr as Ctrl-C does: the one
+    ``htsr: interrupted`` line, exit 130, temporary files removed (the atomic writers clean
+    up on KeyboardInterrupt). Returns the undo; a no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:  # never take over a handler someone set
+            old[sig] = signal.signal(sig, _interrupt)
+
+    def undo() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    return undo
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Library warnings (torch, numpy) are not shown, so that stderr holds progress, notes and
+    at most one error line; ``HTSR_DEBUG=1`` shows them (and the traceback of a bug)."""
+    undo = _terminations_as_interrupt()
+    try:
+        with warnings.catch_warnings():
+            if not os.environ.get("HTSR_DEBUG"):
+                warnings.simplefilter("ignore")
+            code = _run(argv)
+    finally:
+        undo()
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
+        report_interrupt()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run(argv: list[str] | None) -> Any:
+    """Run the app; returns the exit code, every exception mapped to one line."""
     try:
         code = app(args=argv, prog_name="htsr", standalone_mode=False)
-    except PipeClosed as exc:
+    except (PipeClosed, BrokenPipeError):
         # Silence the interpreter's final flush of a stdout nobody reads.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = exc.exit_code
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = PipeClosed.exit_code
     except HtsrError as exc:
         error(str(exc))
         code = exc.exit_code
@@ -83,6 +130,11 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         code = EXIT_INTERRUPTED
+    except OSError as exc:
+        # The environment, not htsr: a full disk, a vanished directory, an I/O error.
+        where = f": {exc.filename}" if exc.filename else ""
+        error(f"{exc.strerror or one_line(exc)}{where}")
+        code = EXIT_USAGE
     except typer.TyperException as exc:
         # typer's (vendored) click usage errors: one line, exit 2, or help when no arguments.
         ctx = getattr(exc, "ctx", None)
@@ -100,6 +152,4 @@ def main(argv: list[str] | None = None) -> None:
             "HTSR_DEBUG=1 shows the traceback)\n"
         )
         code = EXIT_INTERNAL
-    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
-        report_interrupt()
-    sys.exit(code if isinstance(code, int) else 0)
+    return code

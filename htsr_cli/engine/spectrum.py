@@ -117,11 +117,17 @@ class NonFiniteWeightError(ValueError):
     """The weight holds NaN or infinite entries (a diverged run): it has no spectrum."""
 
 
+class SpectrumOverflowError(NonFiniteWeightError):
+    """The weight is finite but so large that its eigenvalues (squared singular values)
+    overflow float64: it has no spectrum either, and is skipped the same way."""
+
+
 def eigenvalues(weight: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Pooled ESD of a layer: ascending float64 eigenvalues on ``device``, clamped at 0.
 
     Raises :class:`NonFiniteWeightError` when the weight has NaN or infinite entries (checked
-    on the small Gram matrix, where any such entry shows, instead of on the whole weight).
+    on the small Gram matrix, where any such entry shows, instead of on the whole weight), and
+    :class:`SpectrumOverflowError` (a subclass) when finite entries square past float64.
 
     On the CPU the Gram product and ``eigvalsh`` go through numpy's BLAS/LAPACK, measured ~1.5x
     faster than torch's CPU kernels here (benchmarks/analyze_vs_weightwatcher.py prints both
@@ -134,6 +140,11 @@ def eigenvalues(weight: torch.Tensor, device: torch.device | str = "cpu") -> tor
     else:
         gram = _gram(mats)
     if not bool(torch.isfinite(gram).all()):
+        if bool(torch.isfinite(weight).all()):  # finite entries, too large to square
+            top = float(weight.detach().abs().max())
+            raise SpectrumOverflowError(
+                f"weight entries up to {top:.3g}: its eigenvalues overflow float64"
+            )
         raise NonFiniteWeightError("weight has NaN or infinite entries")
     if gram.device.type == "cpu":
         evals = torch.from_numpy(np.linalg.eigvalsh(gram.numpy(), UPLO="U")).reshape(-1)

@@ -47,6 +47,7 @@ from safetensors import safe_open
 
 from htsr_cli.errors import InputError, one_line
 from htsr_cli.io import digest, schemas
+from htsr_cli.io.documents import check_regular_file
 from htsr_cli.io.output import open_output
 from htsr_cli.io.terminal import printable
 
@@ -295,7 +296,10 @@ def _load_torch(file: str, trust_pickle: bool, key: str | None = None) -> _DictS
     try:
         obj = torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):
+        # torch words a refused global "Unsupported global" (<= 2.5) or "unsupported GLOBAL
+        # ... blocked" under "Weights only load failed" (2.6+): the file pickles code.
+        text = str(exc).lower()
+        if not trust_pickle and ("unsupported global" in text or "weights only load" in text):
             raise InputError(
                 f"{file} needs arbitrary code to unpickle (it pickles Python objects, not just "
                 "tensors); rerun with --trust-pickle only if you trust its source"
@@ -548,6 +552,22 @@ def _from_index(given: str, index_path: str, trust_pickle: bool) -> Checkpoint:
         )
     index = {key: os.path.join(directory, shard) for key, shard in weight_map.items()}
     shards = sorted(set(index.values()))
+    # A shard is a file of the model directory: a name such as ../../x, an absolute path or a
+    # symlink out of it would make htsr read (and hash into the report) another file. The one
+    # exception is the Hugging Face cache, whose snapshots/<hash>/ files link to ../../blobs.
+    roots = [os.path.realpath(directory)]
+    if os.path.basename(os.path.dirname(os.path.abspath(directory))) == "snapshots":
+        roots.append(os.path.realpath(os.path.join(directory, os.pardir, os.pardir, "blobs")))
+    for shard in shards:
+        real = os.path.realpath(shard)
+        lexical = os.path.normpath(os.path.join(roots[0], os.path.relpath(shard, directory)))
+        if os.path.commonpath([roots[0], lexical]) != roots[0] or not any(
+            os.path.commonpath([root, real]) == root and real != root for root in roots
+        ):
+            raise InputError(
+                f"{index_path} names shard {os.path.relpath(shard, directory)!r}, which is "
+                f"outside the model directory {directory}"
+            )
     for shard in shards:
         if not os.path.isfile(shard):
             raise InputError(
@@ -670,6 +690,7 @@ def open_checkpoint(
             path = resolve_hf_id(path)
         else:
             raise InputError(f"{path} does not exist; check the checkpoint path")
+    check_regular_file(path, "checkpoint")  # a FIFO would block open() for ever
     if os.path.isdir(path):
         ckpt = _open_dir(path, trust_pickle)
     else:

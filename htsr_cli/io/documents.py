@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +27,22 @@ from htsr_cli.errors import InputError
 from htsr_cli.io import schemas
 
 ANALYSIS_SCHEMA = schemas.ANALYSIS
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "input") -> None:
+    """Refuse an input that is not a regular file (a directory is checked by its caller): a
+    FIFO or a device would block ``open()`` or never end. ``-`` is how stdin is read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        hint = " (use - to read it from stdin)" if what == "document" else ""
+        raise InputError(
+            f"{path} is not a regular file (a pipe or a device); the {what} must be a file{hint}"
+        )
 
 
 def read_json(source: str | Path) -> tuple[dict[str, Any], str]:
@@ -37,6 +55,8 @@ def read_json(source: str | Path) -> tuple[dict[str, Any], str]:
             "in, e.g. htsr analyze m.safetensors --format json | htsr allocate - "
             "--lr 0.1"
         )
+    if str(source) != "-":
+        check_regular_file(source, "document")
     try:
         if str(source) == "-":
             text = sys.stdin.read()

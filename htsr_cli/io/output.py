@@ -72,30 +72,86 @@ def check_writable(path: str | os.PathLike | None, inputs: Iterable[Any] = ()) -
         raise InputError(f"cannot write {p}: permission denied")
 
 
+def write_error(label: str, exc: OSError) -> InputError:
+    """The one-line error of an output that cannot be written (a full disk, ``/dev/full``,
+    an I/O error, a quota): the environment's, not a bug (exit 2)."""
+    return InputError(f"cannot write {label}: {exc.strerror or type(exc).__name__}")
+
+
+class _Output:
+    """An output file as the block writing it sees it: a write that fails with an OSError
+    becomes :func:`write_error`, so it is told apart from an error reading the inputs (which
+    may happen in the same block)."""
+
+    def __init__(self, fh: Any, label: str) -> None:
+        self._fh = fh
+        self._label = label
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._fh.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise write_error(self._label, exc) from None
+
+    def writelines(self, lines: Iterable[Any]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._fh.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise write_error(self._label, exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
 @contextlib.contextmanager
 def open_output(path: str | os.PathLike | None, mode: str = "w") -> Iterator[TextIO]:
     """Open an output for writing: stdout for None or ``-``, else atomically.
 
     On an exception inside the block the temporary file is removed and the target is left as
-    it was.
+    it was. A write that fails (a full disk, ``/dev/full``) is an :class:`InputError` naming
+    the output (exit 2), a closed pipe on stdout :class:`PipeClosed`.
     """
     if path is None or str(path) == "-":
+        stream = sys.stdout.buffer if "b" in mode else sys.stdout
         try:
-            yield sys.stdout.buffer if "b" in mode else sys.stdout  # type: ignore[misc]
-            sys.stdout.flush()
+            yield _Output(stream, "stdout")  # type: ignore[misc]
+            _Output(stream, "stdout").flush()
         except BrokenPipeError:
             raise PipeClosed() from None
         return
     p = Path(path)
     check_writable(p)
     if _is_special(p):
-        with open(p, mode) as fh:
-            yield fh
+        try:
+            fh = open(p, mode)
+        except OSError as exc:
+            raise write_error(str(p), exc) from None
+        written = False
+        try:
+            yield _Output(fh, str(p))  # type: ignore[misc]
+            written = True
+        finally:
+            try:
+                fh.close()  # flushes: where a full device says so
+            except OSError as exc:
+                if written:
+                    raise write_error(str(p), exc) from None
         return
     with atomic_path(p) as tmp, open(tmp, mode) as fh:
-        yield fh
-        fh.flush()
-        os.fsync(fh.fileno())
+        yield _Output(fh, str(p))  # type: ignore[misc]
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            raise write_error(str(p), exc) from None
 
 
 @contextlib.contextmanager
