@@ -132,6 +132,10 @@ def check_schema(doc: Mapping[str, Any], expected: str, label: str) -> None:
         raise InputError(f"{label} is a {got!r} document, expected {expected!r}")
     if major != want_major:
         raise InputError(f"{label} has schema version {got!r}; this htsr reads {expected!r}")
+    check = _PLAN_CHECKS.get(expected)
+    if check is not None:  # the plans are checked fully here, whichever reader asks
+        check_depth(doc, label)
+        check(doc, label)
 
 
 def require(doc: Mapping[str, Any], fields: tuple[str, ...], label: str) -> None:
@@ -143,8 +147,6 @@ def require(doc: Mapping[str, Any], fields: tuple[str, ...], label: str) -> None
 #: Largest size (a side, a count of eigenvalues or of parameters) a document may state: every
 #: such number is then exact in float64 and fits torch's int64.
 MAX_SIZE = 2**53
-#: Largest magnitude of a metric value: its square, and a difference of two, stay finite.
-MAX_VALUE = 1e150
 
 # Per-layer fields of an analysis, by kind.
 _SIZE_FIELDS = ("N", "M", "rf", "num_evals")
@@ -184,19 +186,15 @@ def check_int(value: Any, where: str, lo: int = 0, hi: int = MAX_SIZE) -> int:
     return value
 
 
-def check_number(value: Any, where: str, *, limit: float = MAX_VALUE) -> float:
-    """``value`` as a float: a JSON number of magnitude at most ``limit``, or null (NaN, as
-    htsr writes a NaN); anything else is an :class:`InputError` naming ``where``."""
+def check_number(value: Any, where: str) -> float:
+    """``value`` as a float: a JSON number, or null (NaN, as htsr writes a NaN); a NaN or an
+    infinity (Python's JSON reads them) is kept and, like null, means "no value" to the
+    commands. Anything else is an :class:`InputError` naming ``where``."""
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"{where} must be a number or null, got {_short(value)}")
-    v = float(value)
-    if math.isnan(v):
-        return v
-    if not abs(v) <= limit:
-        raise InputError(f"{where} must be a number of magnitude at most {limit:g}, got {v:g}")
-    return v
+    return float(value)
 
 
 def check_text(value: Any, where: str) -> str:
@@ -258,6 +256,79 @@ def _check_skipped(rec: Any, where: str) -> None:
             size *= check_int(dim, f"{where}.shape[{i}]")
             if size > MAX_SIZE:
                 raise InputError(f"{where}.shape has more than {MAX_SIZE} elements")
+
+
+def _check_named_layers(doc: Mapping[str, Any], label: str) -> list[Mapping[str, Any]]:
+    """``layers``: a list of objects with non-empty string names, no name twice."""
+    require(doc, ("layers",), label)
+    layers = check_list(doc["layers"], f"{label}: 'layers'")
+    seen: set[str] = set()
+    for i, layer in enumerate(layers):
+        where = f"{label} layers[{i}]"
+        layer = check_object(layer, where)
+        require(layer, ("name",), where)
+        name = check_text(layer["name"], f"{where}.name")
+        if not name:
+            raise InputError(f"{where}.name is empty")
+        if name in seen:
+            raise InputError(f"{label} names layer {printable_name(name)} twice")
+        seen.add(name)
+    return layers
+
+
+def _check_lr_plan(doc: Mapping[str, Any], label: str) -> None:
+    """``htsr.lr-plan/1`` (docs/allocate.md): the types of every field a reader uses; the
+    ranges (positive multipliers...) are :meth:`LRPlan.from_dict`'s."""
+    for i, layer in enumerate(_check_named_layers(doc, label)):
+        where = f"{label} layers[{i}] ({printable_name(layer['name'])})"
+        for key in ("metric_value", "lr"):  # multipliers: LRPlan.from_dict's own message
+            if key in layer:
+                check_number(layer[key], f"{where}.{key}")
+        for key in ("status", "reason"):
+            if key in layer:
+                check_text(layer[key], f"{where}.{key}")
+    for key in ("params", "source", "summary"):
+        if key in doc:
+            check_object(doc[key], f"{label}: '{key}'")
+    for key in ("scheme", "metric", "wd_scheme"):
+        if doc.get(key) is not None:
+            check_text(doc[key], f"{label}: '{key}'")
+
+
+def _check_prune_plan(doc: Mapping[str, Any], label: str) -> None:
+    """``htsr.prune-plan/1`` (docs/prune.md): the types of every field a reader uses; the
+    ranges (budgets in [0, 1)...) are :func:`htsr_cli.prune.plan.read_plan`'s."""
+    for i, layer in enumerate(_check_named_layers(doc, label)):
+        where = f"{label} layers[{i}] ({printable_name(layer['name'])})"
+        if "metric_value" in layer:  # budget and ratio: read_plan's own message
+            check_number(layer["metric_value"], f"{where}.metric_value")
+        for key in ("params_before", "params_after", "channels_before", "channels_after"):
+            if layer.get(key) is not None:
+                check_int(layer[key], f"{where}.{key}")
+        for key in ("group", "note"):
+            if layer.get(key) is not None:
+                check_text(layer[key], f"{where}.{key}")
+    for key in ("params", "source", "target", "achieved"):
+        if key in doc:
+            check_object(doc[key], f"{label}: '{key}'")
+    for key in ("mode", "method", "metric", "output"):
+        if doc.get(key) is not None:
+            check_text(doc[key], f"{label}: '{key}'")
+    for key in ("groups", "notes"):
+        if key in doc:
+            check_list(doc[key], f"{label}: '{key}'")
+    for i, note in enumerate(doc.get("notes", [])):
+        check_text(note, f"{label} notes[{i}]")
+    for i, group in enumerate(doc.get("groups", [])):
+        where = f"{label} groups[{i}]"
+        group = check_object(group, where)
+        if "name" in group:
+            check_text(group["name"], f"{where}.name")
+        for j, member in enumerate(check_list(group.get("members", []), f"{where}.members")):
+            check_text(member, f"{where}.members[{j}]")
+
+
+_PLAN_CHECKS = {schemas.LR_PLAN: _check_lr_plan, schemas.PRUNE_PLAN: _check_prune_plan}
 
 
 def printable_name(name: str) -> str:
