@@ -297,9 +297,9 @@ def _load_torch(file: str, trust_pickle: bool, key: str | None = None) -> _DictS
         obj = torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         # torch words a refused global "Unsupported global" (<= 2.5) or "unsupported GLOBAL
-        # ... blocked" under "Weights only load failed" (2.6+): the file pickles code.
-        text = str(exc).lower()
-        if not trust_pickle and ("unsupported global" in text or "weights only load" in text):
+        # ... blocked" (2.6+): the file pickles code. Other weights-only failures (bad
+        # opcodes of random bytes) are corrupt data, not a matter of trust.
+        if not trust_pickle and "unsupported global" in str(exc).lower():
             raise InputError(
                 f"{file} needs arbitrary code to unpickle (it pickles Python objects, not just "
                 "tensors); rerun with --trust-pickle only if you trust its source"
