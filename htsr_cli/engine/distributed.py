@@ -243,11 +243,12 @@ class Group:
             self._poller.join()
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
-        if self._own_group and exc[0] is None:
-            # Not after a failure: outside torchrun rank 0 hosts the store, which must live
-            # until its exit tells the peers it has reported (see raise_failure).
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        # Torn down here (gloo's threads abort a process that exits with them running),
+        # except on rank 0 after a reported failure: outside torchrun it hosts the store,
+        # which must live until its exit has told the peers it reported (_announce_exit).
+        if self._own_group and dist.is_initialized() and not (self._failed and self.rank == 0):
             dist.destroy_process_group()
 
     def _start(self) -> None:
