@@ -310,3 +310,24 @@ def test_one_progress_display_counting_every_rank() -> None:
     done = [d for d, _ in rank0["calls"]]
     assert rank0["calls"][-1] == [53, 53] and done == sorted(done)
     assert all(t == 53 for _, t in rank0["calls"])
+
+
+@pytest.mark.slow
+def test_prune_sharded_equals_local(tmp_path: Path) -> None:
+    """prune's on-the-fly analysis on 2 ranks: rank 0 writes the pruned checkpoint, byte for
+    byte the one a single process writes; rank 1 writes nothing and exits 0."""
+    ckpt = mobilenet()
+    args = ["prune", str(ckpt), "--sparsity", "0.3", "--arch", "imagenet-mobilenet_v2"]
+    one = tmp_path / "one"
+    one.mkdir()
+    local = clirunner.run([*args, "--format", "json", "-o", one / "p.safetensors"], env=env())
+    assert local.returncode == 0, local.stderr
+    work = tmp_path / "w"
+    work.mkdir()
+    (c0, o0, e0), (c1, o1, e1) = finish(
+        start_ranks([*args, "--format", "json", "-o", "p.safetensors"], [work, work])
+    )
+    assert (c0, c1) == (0, 0), e0 + e1
+    assert (o1, e1) == ("", "") and json.loads(o0)  # rank 0's one summary
+    assert os.listdir(work) == ["p.safetensors"]
+    assert (work / "p.safetensors").read_bytes() == (one / "p.safetensors").read_bytes()
