@@ -93,6 +93,7 @@ def finetune_command(
         help="Power-law fit of the ESD work (default median: TempBalance's "
         "xmin_mid; ww, peak, clip-xmax).",
     ),
+    preset: Optional[str] = options.preset("--allocate's analysis: "),  # noqa: UP045
     track_metric: Optional[bool] = typer.Option(
         None,
         "--track-metric/--no-track-metric",
@@ -195,6 +196,7 @@ def finetune_command(
         s1=s1,
         s2=s2,
         fit=fit,
+        preset=preset,
         track_metric=track_metric,
         optimizer=optimizer,
         momentum=momentum,

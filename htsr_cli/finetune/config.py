@@ -45,6 +45,7 @@ class FinetuneConfig:
     s1: float = 0.5
     s2: float = 1.5
     fit: str = defaults.PLAN_FIT  # as allocate and Reallocator: TempBalance's xmin_mid
+    preset: str | None = None  # tempbalance: its analysis conventions (docs/presets.md)
     track_metric: bool = True
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -111,6 +112,7 @@ def check_config(config: FinetuneConfig) -> None:
     from htsr_cli.allocate.schemes import parse_scheme
     from htsr_cli.engine.fit import FIT_MODES
     from htsr_cli.engine.metrics import METRICS
+    from htsr_cli.engine.presets import check_fit, get_preset
 
     positive_int(config.epochs, "--epochs")
     positive_int(config.batch_size, "--batch-size")
@@ -149,6 +151,14 @@ def check_config(config: FinetuneConfig) -> None:
         raise InputError(f"unknown --metric {config.metric!r}; choose from {', '.join(METRICS)}")
     if config.fit not in FIT_MODES:
         raise InputError(f"unknown --fit {config.fit!r}; choose from {', '.join(FIT_MODES)}")
+    if config.preset is not None:
+        tool = get_preset(config.preset, "finetune")
+        check_fit(tool, config.fit)
+        if not config.allocate:
+            raise InputError(
+                f"--preset {config.preset} sets the conventions of --allocate's re-allocation; "
+                "give --allocate SCHEME (e.g. tb-linear)"
+            )
     if config.keep_masks and not config.init:
         raise InputError("--keep-masks keeps the zeros of an --init checkpoint; give --init")
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:

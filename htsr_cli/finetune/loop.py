@@ -202,7 +202,13 @@ def _esd_work(
     if cfg.track_metric and rank == 0:
         from htsr_cli.engine.analysis import analyze
 
-        result = analyze(setup.model, metrics=[cfg.metric], fit=cfg.fit, device=str(setup.device))
+        result = analyze(
+            setup.model,
+            metrics=[cfg.metric],
+            fit=cfg.fit,
+            preset=cfg.preset,
+            device=str(setup.device),
+        )
         return {row["name"]: row.get(cfg.metric) for row in result.layers}
     return {}
 
@@ -400,6 +406,7 @@ class _TrainingState:
                 s2=cfg.s2,
                 seed=cfg.seed,
                 fit=cfg.fit,
+                preset=cfg.preset,
             )
         params = dict(model.named_parameters())
         masks = [(params[n], m.to(dev)) for n, m in setup.masks.items()]

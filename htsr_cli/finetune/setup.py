@@ -177,6 +177,7 @@ def initial_allocation(setup: Setup, rank: int, world: int) -> None:
                 s2=cfg.s2,
                 seed=cfg.seed,
                 fit=cfg.fit,
+                preset=cfg.preset,
                 device=str(setup.device),
             ).to_dict()
         setup.esd_seconds = time.perf_counter() - t0
