@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import clirunner
 import pytest
 import torch
 
-import clirunner
 from htsr_cli.allocate.schemes import allocate
 from htsr_cli.finetune.run_dir import RunDir
 from htsr_cli.io.checkpoint import save_safetensors
