@@ -14,7 +14,7 @@ from typing import Any
 from htsr_cli.engine.columns import METRICS
 from htsr_cli.engine.gates import is_nonfinite, pair_names
 from htsr_cli.errors import InputError
-from htsr_cli.io.documents import is_analysis_document, read_analysis, read_json
+from htsr_cli.io.documents import is_analysis_document, read_analysis
 from htsr_cli.io.terminal import printable
 
 #: Analysis options a checkpoint analysed beside a stored analysis takes from it, unless
@@ -70,20 +70,12 @@ class LoadedAnalysis:
 
 
 def _read_document(source: Any, label: str) -> tuple[dict[str, Any], str]:
+    # Every layer skipped (a diverged model) is a real analysis whose gates must fail, not an
+    # unreadable one: allow_empty.
     if not isinstance(source, str | os.PathLike):
-        return read_analysis(source, label)[0], label
-    doc, file = read_json(source)
-    if doc.get("layers") == [] and isinstance(doc.get("skipped"), list) and doc["skipped"]:
-        # Every layer skipped (a diverged model): a real analysis whose gates must fail, not
-        # an unreadable one. The reader refuses it (the other commands need layers), so it
-        # checks the document with one stand-in layer, then the document is kept as it was.
-        names = {r.get("name") for r in doc["skipped"] if isinstance(r, Mapping)}
-        stand_in = next(
-            f"(stand-in {i})" for i in range(len(names) + 1) if f"(stand-in {i})" not in names
-        )
-        read_analysis({**doc, "layers": [{"name": stand_in, "num_evals": 1}]}, file)
-        return dict(doc), file
-    return read_analysis(doc, file)[0], file
+        return read_analysis(source, label, allow_empty=True)[0], label
+    doc, file = read_analysis(source, allow_empty=True)
+    return doc, file or label
 
 
 def load_analysis(

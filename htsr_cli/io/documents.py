@@ -337,10 +337,15 @@ def printable_name(name: str) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def validate_analysis(doc: Mapping[str, Any], label: str = "analysis") -> dict[str, Any]:
+def validate_analysis(
+    doc: Mapping[str, Any], label: str = "analysis", *, allow_empty: bool = False
+) -> dict[str, Any]:
     """Check an ``htsr.analysis/1`` document fully (docs/analysis-schema.md): the type and
     range of every field the commands use, and no two layers (analysed or skipped) of the
-    same name. Past this, a consumer may index and compute without further checks."""
+    same name. Past this, a consumer may index and compute without further checks.
+
+    ``allow_empty`` accepts an analysis whose every layer was skipped (a diverged model, which
+    a gate must fail rather than refuse); plans need analysed layers and refuse it."""
     check_schema(doc, ANALYSIS_SCHEMA, label)
     check_depth(doc, label)
     require(doc, ("source", "options", "layers"), label)
@@ -353,7 +358,7 @@ def validate_analysis(doc: Mapping[str, Any], label: str = "analysis") -> dict[s
     if source.get("path") is not None:
         check_text(source["path"], f"{label}: source.path")
     layers = check_list(doc["layers"], f"{label}: 'layers'")
-    if not layers:
+    if not layers and not (allow_empty and doc.get("skipped")):
         raise InputError(f"{label} has no analysed layer")
     for i, layer in enumerate(layers):
         _check_layer(layer, f"{label} layers[{i}]")
@@ -382,15 +387,18 @@ def is_analysis_document(source: Any) -> bool:
     return mod is not None and isinstance(source, mod.Analysis)
 
 
-def read_analysis(source: Any, label: str = "analysis") -> tuple[dict[str, Any], str | None]:
+def read_analysis(
+    source: Any, label: str = "analysis", *, allow_empty: bool = False
+) -> tuple[dict[str, Any], str | None]:
     """The validated analysis document behind ``source`` (see :func:`is_analysis_document`)
-    and the file it came from (``stdin`` or the path; None for an in-memory one)."""
+    and the file it came from (``stdin`` or the path; None for an in-memory one);
+    ``allow_empty`` as for :func:`validate_analysis`."""
     if isinstance(source, str | Path):
         doc, file = read_json(source)
-        return validate_analysis(doc, file), file
+        return validate_analysis(doc, file, allow_empty=allow_empty), file
     if not isinstance(source, Mapping):
         source = source.to_dict()  # an Analysis
-    return validate_analysis(source, label), None
+    return validate_analysis(source, label, allow_empty=allow_empty), None
 
 
 def finite(value: Any) -> float:
