@@ -17,7 +17,7 @@ from htsr_cli.allocate.plan import LRPlan
 from htsr_cli.allocate.schemes import MIN_MULTIPLIER, allocate
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import check_writable, choose_format, jsonable, open_output, write_json
-from htsr_cli.io.terminal import printable
+from htsr_cli.io.terminal import printable, table_console
 
 PLAN_FORMATS = ("table", "json", "csv")
 _BAR_WIDTH = 16
@@ -140,7 +140,7 @@ def write_plan_csv(plan: LRPlan, fh: TextIO) -> None:
 
 
 def write_plan(
-    plan: LRPlan, fmt: str, output: str | os.PathLike | None, *, color: bool = False
+    plan: LRPlan, fmt: str, output: str | os.PathLike | None, *, terminal: bool = False
 ) -> None:
     """Write ``plan`` as ``table``, ``json`` or ``csv`` to ``output`` (atomically) or stdout."""
     if fmt == "json":
@@ -152,14 +152,7 @@ def write_plan(
         if fmt == "csv":
             write_plan_csv(plan, fh)
         else:
-            console = Console(
-                file=fh,
-                force_terminal=color or None,
-                no_color=not color,
-                width=None if color else 160,
-                highlight=False,
-            )
-            render_plan_table(plan, console)
+            render_plan_table(plan, table_console(fh, terminal, 160))
 
 
 def run_allocate(
@@ -184,7 +177,7 @@ def run_allocate(
     check_writable(output, [source])
     plan = allocate(source, **kwargs)
     to_terminal = (output is None or output == "-") and sys.stdout.isatty()
-    write_plan(plan, fmt, output, color=to_terminal and "NO_COLOR" not in os.environ)
+    write_plan(plan, fmt, output, terminal=to_terminal)
     if plan.params.get("clipped") and fmt != "table":  # a table carries its own note
         err = stderr or Console(stderr=True, highlight=False)
         err.print(Text(f"note: {printable(clip_note(plan))}", style="yellow"), soft_wrap=True)

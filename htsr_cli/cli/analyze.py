@@ -110,36 +110,7 @@ def analyze_command(
     from htsr_cli.io import digest
 
     digest.prefetch(checkpoint)  # the file's sha256 runs beside the torch import that follows
-    if nproc_per_node is not None:
-        from htsr_cli.engine.launch import launch_analysis
-
-        raise typer.Exit(
-            launch_analysis(
-                checkpoint,
-                nproc_per_node,
-                fmt=fmt,
-                output=output,
-                progress=progress,
-                columns=columns,
-                verbose=verbose,
-                fit=fit,
-                metrics=metrics,
-                device=device,
-                layers=layers,
-                exclude=exclude,
-                min_evals=min_evals,
-                seed=seed,
-                fail_if=fail_if,
-                trust_pickle=trust_pickle,
-                key=key,
-                jobs=jobs,
-                preset=preset,
-            )
-        )
-    from htsr_cli.engine.report import run_analysis
-
-    result = run_analysis(
-        checkpoint,
+    options = dict(
         fmt=fmt,
         output=output,
         progress=progress,
@@ -158,5 +129,12 @@ def analyze_command(
         jobs=jobs,
         preset=preset,
     )
+    if nproc_per_node is not None:
+        from htsr_cli.engine.launch import launch_analysis
+
+        raise typer.Exit(launch_analysis(checkpoint, nproc_per_node, **options))
+    from htsr_cli.engine.report import run_analysis
+
+    result = run_analysis(checkpoint, **options)
     if result.failed_gates:
         raise typer.Exit(EXIT_GATE_FAILED)

@@ -3,19 +3,10 @@ documents without loading torch)."""
 
 from __future__ import annotations
 
-#: The ten HT-SR metrics, named as WeightWatcher's columns.
-METRICS: tuple[str, ...] = (
-    "alpha",
-    "rand_distance",
-    "stable_rank",
-    "entropy",
-    "norm",
-    "log_norm",
-    "spectral_norm",
-    "log_spectral_norm",
-    "alpha_weighted",
-    "log_alpha_norm",
-)
+from htsr_cli.io import schemas
+
+#: The ten HT-SR metrics, named as WeightWatcher's columns (defined with the document).
+METRICS: tuple[str, ...] = schemas.METRICS
 
 #: Other numeric per-layer columns of an analysis.
 NUMERIC_COLUMNS: tuple[str, ...] = (

@@ -24,7 +24,7 @@ from htsr_cli.engine.distributed import dist_env
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import check_writable, dump_json, jsonable, open_output
 from htsr_cli.io.output import choose_format as output_format
-from htsr_cli.io.terminal import ProgressBar, printable, styled
+from htsr_cli.io.terminal import ProgressBar, printable, table_console
 
 FORMATS = ("table", "json", "csv", "ndjson")
 
@@ -293,14 +293,7 @@ def write_table(
     """The table; styled only on a terminal without ``NO_COLOR`` (then plain text). On a
     terminal it fits the terminal's width (``COLUMNS`` when set); off a terminal there is no
     width to respect, so every column shows."""
-    color = styled(terminal)
-    console = Console(
-        file=fh,
-        force_terminal=color,
-        no_color=not color,
-        highlight=False,
-        width=None if terminal else 400,
-    )
+    console = table_console(fh, terminal, 400)
     render_table(analysis, console, columns=columns, verbose=verbose)
 
 

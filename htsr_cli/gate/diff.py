@@ -20,7 +20,7 @@ from htsr_cli.gate.sources import LoadedAnalysis, check_sources, load_analysis, 
 from htsr_cli.io import schemas
 from htsr_cli.io.documents import finite
 from htsr_cli.io.output import check_writable, choose_format, dump_json, open_output
-from htsr_cli.io.terminal import ProgressBar, styled
+from htsr_cli.io.terminal import ProgressBar
 
 FORMATS = ("table", "json", "csv")
 
@@ -148,15 +148,12 @@ def _fmt(v: float) -> str:
 
 def write_table(diff: Diff, fh: TextIO, terminal: bool) -> None:
     """A table of B - A per metric, one row per layer, then the layers on one side only."""
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    colour = styled(terminal)
-    console = Console(
-        file=fh, force_terminal=colour, no_color=not colour, highlight=False,
-        width=None if terminal else 400,
-    )  # fmt: skip
+    from htsr_cli.io.terminal import table_console
+
+    console = table_console(fh, terminal, 400)
     console.print(Text(f"delta = B - A   A: {safe(diff.a.label)}   B: {safe(diff.b.label)}"))
     table = Table(header_style="bold")
     table.add_column("layer", no_wrap=True)

@@ -152,18 +152,9 @@ MAX_SIZE = 2**53
 _SIZE_FIELDS = ("N", "M", "rf", "num_evals")
 _COUNT_FIELDS = ("num_pl_spikes", "matrix_rank", "num_fingers")
 _TEXT_FIELDS = ("type", "status", "warning")
-# The ten metrics (htsr_cli.engine.columns, which io/ may not import) and the fit's numbers.
+# The ten metrics and the fit's numbers.
 _NUMBER_FIELDS = (
-    "alpha",
-    "rand_distance",
-    "stable_rank",
-    "entropy",
-    "norm",
-    "log_norm",
-    "spectral_norm",
-    "log_spectral_norm",
-    "alpha_weighted",
-    "log_alpha_norm",
+    *schemas.METRICS,
     "Q",
     "xmin",
     "xmax",

@@ -26,6 +26,20 @@ RUN_ARGS = "htsr.run-args/1"
 #: ``htsr models --format json``: the model zoo.
 MODELS = "htsr.models/1"
 
+#: The ten HT-SR metrics, the metric columns of an analysis (WeightWatcher's names).
+METRICS: tuple[str, ...] = (
+    "alpha",
+    "rand_distance",
+    "stable_rank",
+    "entropy",
+    "norm",
+    "log_norm",
+    "spectral_norm",
+    "log_spectral_norm",
+    "alpha_weighted",
+    "log_alpha_norm",
+)
+
 #: safetensors metadata: the state dict's key (model) order, a JSON list.
 KEY_ORDER_META = "htsr.key_order"
 #: safetensors metadata: the pruning record (a JSON object of schema PRUNED_CHECKPOINT).

@@ -47,6 +47,20 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, no_color=not color)
 
 
+def table_console(fh: Any, terminal: bool, width: int) -> Console:
+    """The console a command's table is printed on: styled on a terminal without NO_COLOR
+    (plain text otherwise), the terminal's width there, ``width`` columns off a terminal
+    (where no width limits the table)."""
+    color = styled(terminal)
+    return Console(
+        file=fh,
+        force_terminal=color,
+        no_color=not color,
+        highlight=False,
+        width=None if terminal else width,
+    )
+
+
 class ProgressBar:
     """The one transient progress bar: ``label``, a bar, done/total, elapsed time and a
     description; off unless stderr is a terminal (``enabled=None``) or ``enabled=True``.
@@ -118,4 +132,12 @@ class ProgressBar:
             self._bar = None
 
 
-__all__ = ["ProgressBar", "ProgressCallback", "literal", "printable", "stderr_console", "styled"]
+__all__ = [
+    "ProgressBar",
+    "ProgressCallback",
+    "literal",
+    "printable",
+    "stderr_console",
+    "styled",
+    "table_console",
+]

@@ -10,14 +10,13 @@ import sys
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from htsr_cli.errors import InputError
 from htsr_cli.io import schemas
 from htsr_cli.io.output import choose_format as output_format
 from htsr_cli.io.output import dump_json, open_output
-from htsr_cli.io.terminal import styled
+from htsr_cli.io.terminal import table_console
 from htsr_cli.models import ARCHS, ArchSpec
 
 #: The data sets each family of built-ins is made for (and its default class count).
@@ -76,14 +75,7 @@ def run_models(fmt: str | None = None, output: str | None = None) -> list[dict[s
             dump_json({"schema": schemas.MODELS, "models": rows}, fh)
             return rows
         terminal = output in (None, "-") and sys.stdout.isatty()
-        color = styled(terminal)
-        console = Console(
-            file=fh,
-            force_terminal=color,
-            no_color=not color,
-            highlight=False,
-            width=None if terminal else 200,
-        )
+        console = table_console(fh, terminal, 200)
         table = _table(rows, describe=True)
         wide = console.options.update_width(100_000)
         if console.measure(table, options=wide).maximum > console.width:

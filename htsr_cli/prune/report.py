@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 from typing import Any
 
@@ -15,7 +14,7 @@ from htsr_cli.allocate.report import bar
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import choose_format as output_format
 from htsr_cli.io.output import open_output, write_json
-from htsr_cli.io.terminal import ProgressBar, printable
+from htsr_cli.io.terminal import ProgressBar, printable, table_console
 
 PLAN_FORMATS = ("table", "json")
 
@@ -140,7 +139,7 @@ def render_plan_table(plan: Any, console: Console) -> None:
         console.print(Text(f"wrote {printable(plan.output)}"))
 
 
-def write_plan(plan: Any, fmt: str, *, color: bool = False) -> None:
+def write_plan(plan: Any, fmt: str, *, terminal: bool = False) -> None:
     """The plan as ``table`` or ``json`` on stdout."""
     if fmt not in PLAN_FORMATS:
         raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(PLAN_FORMATS)}")
@@ -148,14 +147,7 @@ def write_plan(plan: Any, fmt: str, *, color: bool = False) -> None:
         write_json(plan.to_dict(), None)
         return
     with open_output(None) as out:
-        console = Console(
-            file=out,
-            force_terminal=color or None,
-            no_color=not color,
-            width=None if color else 160,
-            highlight=False,
-        )
-        render_plan_table(plan, console)
+        render_plan_table(plan, table_console(out, terminal, 160))
 
 
 def run_prune(
@@ -187,7 +179,7 @@ def run_prune(
     with ProgressBar("prune", console=err, enabled=progress) as bar:
         plan = prune(source, output=output, on_progress=bar.callback, **kwargs)
     terminal = sys.stdout.isatty()
-    write_plan(plan, fmt, color=terminal and not os.environ.get("NO_COLOR"))
+    write_plan(plan, fmt, terminal=terminal)
     if output and fmt != "table":
         err.print(Text(f"wrote {printable(output)}"), highlight=False)
     return plan
