@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from htsr_cli import defaults
 from htsr_cli.cli import options
 from htsr_cli.cli.app import app
 
@@ -85,13 +86,17 @@ def finetune_command(
     metric: Optional[str] = typer.Option(
         None, "--metric", help="Metric of the re-allocation and of the history (default alpha)."
     ),
-    s1: Optional[float] = typer.Option(None, "--s1", help="Smallest multiplier (default 0.5)."),
-    s2: Optional[float] = typer.Option(None, "--s2", help="Largest multiplier (default 1.5)."),
+    s1: Optional[float] = typer.Option(
+        None, "--s1", help=f"Smallest multiplier (default {defaults.S1:g})."
+    ),
+    s2: Optional[float] = typer.Option(
+        None, "--s2", help=f"Largest multiplier (default {defaults.S2:g})."
+    ),
     fit: Optional[str] = typer.Option(
         None,
         "--fit",
-        help="Power-law fit of the ESD work (default median: TempBalance's "
-        "xmin_mid; ww, peak, clip-xmax).",
+        help=f"Power-law fit of the ESD work (default {defaults.PLAN_FIT}, the one default fit "
+        "of every LR plan; ww, median, peak, clip-xmax).",
     ),
     preset: Optional[str] = options.preset("--allocate's analysis: "),  # noqa: UP045
     track_metric: Optional[bool] = typer.Option(
@@ -116,7 +121,9 @@ def finetune_command(
     label_smoothing: Optional[float] = typer.Option(
         None, "--label-smoothing", help="Label smoothing of the loss (default 0)."
     ),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of everything (default 0)."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help=f"Seed of everything (default {defaults.SEED})."
+    ),
     keep_masks: Optional[bool] = typer.Option(
         None,
         "--keep-masks/--no-keep-masks",

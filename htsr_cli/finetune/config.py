@@ -42,8 +42,8 @@ class FinetuneConfig:
     allocate: str | None = None  # a scheme of htsr_cli.allocate.schemes.SCHEMES
     reallocate_every: int = 1
     metric: str = "alpha"
-    s1: float = 0.5
-    s2: float = 1.5
+    s1: float = defaults.S1
+    s2: float = defaults.S2
     fit: str = defaults.PLAN_FIT  # as allocate and Reallocator: TempBalance's xmin_mid
     preset: str | None = None  # tempbalance: its analysis conventions (docs/presets.md)
     track_metric: bool = True
@@ -54,7 +54,7 @@ class FinetuneConfig:
     warmup_epochs: int = 0
     batch_size: int = 128
     label_smoothing: float = 0.0
-    seed: int = 0
+    seed: int = defaults.SEED
     keep_masks: bool = False
     augment: str = "auto"
     label: str | None = None
