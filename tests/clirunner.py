@@ -9,12 +9,18 @@ SIGINT, a terminal) keep using real subprocesses.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from typing import Any
+
+import pytest
 
 from htsr_cli.cli import main
 
@@ -66,3 +72,35 @@ def _swapped(
             os.environ.clear()
             os.environ.update(saved_env)
         os.chdir(saved_cwd)
+
+
+def run_in_pty(
+    args: list[str], env: dict[str, str], *, columns: int | None = None, timeout: float = 300
+) -> tuple[int, str, str]:
+    """Run a real process with stdout on a pseudo-terminal (``columns`` wide when given, and
+    ``COLUMNS`` set to it) and stderr a pipe; (rc, stdout, stderr). Skips where the sandbox
+    has no pseudo-terminals."""
+    try:
+        master, slave = pty.openpty()
+    except OSError as exc:
+        pytest.skip(f"no pty: {exc}")
+    if columns is not None:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+        env = {**env, "COLUMNS": str(columns)}
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, env=env
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    err = proc.stderr.read() if proc.stderr else b""
+    proc.wait(timeout=timeout)
+    return proc.returncode, b"".join(chunks).decode(errors="replace"), err.decode()

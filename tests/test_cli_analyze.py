@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import pty
 import re
 import shlex
 import signal
@@ -161,27 +160,7 @@ def call(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 def run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
     """Run with stdout on a pseudo-terminal (stderr a pipe); (rc, stdout, stderr)."""
-    try:
-        master, slave = pty.openpty()
-    except OSError as exc:  # no pseudo-terminals in this sandbox
-        pytest.skip(f"no pty: {exc}")
-    proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, env=env
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    err = proc.stderr.read() if proc.stderr else b""
-    proc.wait(timeout=TIMEOUT)
-    return proc.returncode, b"".join(chunks).decode(errors="replace"), err.decode()
+    return clirunner.run_in_pty(args, env, timeout=TIMEOUT)
 
 
 def assert_ok(proc: subprocess.CompletedProcess[str], code: int = 0) -> None:

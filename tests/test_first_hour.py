@@ -10,16 +10,12 @@ checkpoint was made from, WeightWatcher's own column names, published parameter 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import pty
 import re
-import struct
 import subprocess
 import sys
-import termios
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -71,33 +67,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 def run_in_pty(args: list[str], columns: int, env: dict[str, str]) -> tuple[int, str, str]:
     """Run with stdout on a pseudo-terminal ``columns`` wide (stderr a pipe)."""
-    try:
-        master, slave = pty.openpty()
-    except OSError as exc:  # no pseudo-terminals in this sandbox
-        pytest.skip(f"no pty: {exc}")
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
-    proc = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=slave,
-        stderr=subprocess.PIPE,
-        env={**env, "COLUMNS": str(columns)},
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    err = proc.stderr.read() if proc.stderr else b""
-    proc.wait(timeout=TIMEOUT)
-    out = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
-    return proc.returncode, out, err.decode()
+    rc, out, err = clirunner.run_in_pty(args, env, columns=columns, timeout=TIMEOUT)
+    return rc, out.replace("\r\n", "\n"), err
 
 
 def htsr_cmd(*args: Any) -> list[str]:
