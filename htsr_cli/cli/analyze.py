@@ -80,9 +80,7 @@ def analyze_command(
         help="Layers analysed at once. Default: up to 4 on the CPU (the cores are split "
         "between them), 1 on CUDA. Results do not depend on it.",
     ),
-    progress: Optional[bool] = typer.Option(  # noqa: UP045
-        None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."
-    ),
+    progress: Optional[bool] = options.progress(),  # noqa: UP045
     nproc_per_node: Optional[int] = typer.Option(  # noqa: UP045
         None,
         "--nproc-per-node",

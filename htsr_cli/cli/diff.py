@@ -55,9 +55,7 @@ def diff_command(
         None, "--min-evals", help=_WHEN + "skip layers with fewer pooled eigenvalues."
     ),
     trust_pickle: bool = options.trust_pickle(when=_WHEN),
-    progress: Optional[bool] = typer.Option(  # noqa: UP045
-        None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."
-    ),
+    progress: Optional[bool] = options.progress(),  # noqa: UP045
 ) -> None:
     """The per-layer change of every metric between two analyses or checkpoints."""
     from htsr_cli.gate.diff import run_diff

@@ -170,11 +170,7 @@ def finetune_command(
         metavar="N",
         help="Train with DDP on N processes via torch.distributed.run.",
     ),
-    progress: Optional[bool] = typer.Option(
-        None,
-        "--progress/--no-progress",
-        help="Live progress bar on stderr (default: when stderr is a terminal).",
-    ),
+    progress: Optional[bool] = options.progress(),  # noqa: UP045
 ) -> None:
     """Train or finetune a model with per-layer learning rates.
 

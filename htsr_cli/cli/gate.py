@@ -89,9 +89,7 @@ def gate_command(
     jobs: Optional[int] = typer.Option(  # noqa: UP045
         None, "--jobs", "-j", min=1, help=_WHEN + "layers analysed at once."
     ),
-    progress: Optional[bool] = typer.Option(  # noqa: UP045
-        None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."
-    ),
+    progress: Optional[bool] = options.progress(),  # noqa: UP045
 ) -> None:
     """Check CI gates on an analysis, optionally against a baseline (docs/gates.md)."""
     if show_config:

@@ -87,3 +87,9 @@ def exclude(text: str = "Leave out layers whose name matches this glob (repeatab
 
 def output(text: str = "Write here (atomically) instead of stdout.") -> Any:
     return typer.Option(None, "--output", "-o", help=text)
+
+
+def progress() -> Any:
+    return typer.Option(
+        None, "--progress/--no-progress", help="Progress bar on stderr (default: on a terminal)."
+    )

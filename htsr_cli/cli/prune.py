@@ -155,9 +155,7 @@ def prune_command(
         "alphapruning: AlphaPruning's LLM defaults (alpha_peak, eps 0.3, block-wise). "
     ),
     key: Optional[str] = options.key(),  # noqa: UP045
-    progress: Optional[bool] = typer.Option(  # noqa: UP045
-        None, "--progress/--no-progress", help="Progress on stderr (default: on a terminal)."
-    ),
+    progress: Optional[bool] = options.progress(),  # noqa: UP045
 ) -> None:
     """Prune a model to a global target with per-layer budgets from an HT-SR metric."""
     from htsr_cli.prune.report import run_prune
