@@ -69,6 +69,19 @@ class FinetuneConfig:
             return f"reallocate:{self.allocate}"
         return "plan" if self.lr_plan else "global"
 
+    def allocate_options(self) -> dict[str, Any]:
+        """The keyword arguments of the run's allocations (the first plan and every
+        re-allocation) for :func:`htsr_cli.allocate.schemes.allocate` / ``Reallocator``."""
+        return {
+            "scheme": self.allocate,
+            "metric": self.metric,
+            "s1": self.s1,
+            "s2": self.s2,
+            "seed": self.seed,
+            "fit": self.fit,
+            "preset": self.preset,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

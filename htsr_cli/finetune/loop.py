@@ -397,16 +397,7 @@ class _TrainingState:
         realloc = None
         if cfg.allocate and rank == 0:
             realloc = Reallocator(
-                model,
-                optimizer,
-                scheme=cfg.allocate,
-                metric=cfg.metric,
-                every=cfg.reallocate_every,
-                s1=cfg.s1,
-                s2=cfg.s2,
-                seed=cfg.seed,
-                fit=cfg.fit,
-                preset=cfg.preset,
+                model, optimizer, every=cfg.reallocate_every, **cfg.allocate_options()
             )
         params = dict(model.named_parameters())
         masks = [(params[n], m.to(dev)) for n, m in setup.masks.items()]

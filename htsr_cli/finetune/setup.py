@@ -169,16 +169,7 @@ def initial_allocation(setup: Setup, rank: int, world: int) -> None:
         t0 = time.perf_counter()
         with torch.no_grad():
             doc = allocate(
-                setup.model,
-                lr=cfg.lr,
-                scheme=cfg.allocate,
-                metric=cfg.metric,
-                s1=cfg.s1,
-                s2=cfg.s2,
-                seed=cfg.seed,
-                fit=cfg.fit,
-                preset=cfg.preset,
-                device=str(setup.device),
+                setup.model, lr=cfg.lr, device=str(setup.device), **cfg.allocate_options()
             ).to_dict()
         setup.esd_seconds = time.perf_counter() - t0
     setup.plan = LRPlan.from_dict(broadcast(doc, world))
