@@ -32,9 +32,12 @@ _LABELS = typer.Option([], "--label", help=_LABEL_HELP)
 
 
 def _notes(notes: list[str], path: Any) -> None:
+    # Notes name layers and paths from the inputs: shown with control characters escaped.
+    from htsr_cli.io.terminal import printable
+
     for note in notes:
-        typer.echo(f"htsr: note: {note}", err=True)
-    typer.echo(f"htsr: wrote {path}", err=True)
+        typer.echo(f"htsr: note: {printable(note)}", err=True)
+    typer.echo(f"htsr: wrote {printable(path)}", err=True)
 
 
 @plot_app.command(
