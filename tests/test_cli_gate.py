@@ -500,3 +500,32 @@ def test_plot_diff_draws_the_document_values(reports, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     proc = run("plot", "diff", reports["base"], reports["new"], "-o", tmp_path / "x.gif")
     assert proc.returncode == 2 and not (tmp_path / "x.gif").exists()
+
+
+def test_a_checkpoint_baseline_is_analysed_like_the_stored_report(tmp_path: Path) -> None:
+    """The stored side is read first whichever side it is on: a checkpoint baseline takes the
+    report's fit (median here), so an unchanged model has no delta."""
+    from htsr_cli.assets import default_checkpoint
+
+    demo = str(default_checkpoint())
+    report = tmp_path / "pr.json"
+    made = clirunner.run(["analyze", demo, "--fit", "median", "--format", "json", "-o", report])
+    assert made.returncode == 0, made.stderr
+    proc = clirunner.run(
+        ["gate", report, "--baseline", demo, "--fail-if", "max(delta(alpha)) > 0", "--no-config"]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fit" not in proc.stderr  # no warning that the two sides used different fits
+
+
+def test_plot_diff_refuses_stdin_twice(tmp_path: Path) -> None:
+    proc = clirunner.run(["plot", "diff", "-", "-", "-o", tmp_path / "d.png"], stdin="{}")
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "once" in lines[0], proc.stderr
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_gate_help_shows_the_config_tables_literally() -> None:
+    proc = clirunner.run(["gate", "--help"], env={**os.environ, "COLUMNS": "200"})
+    assert "[tool.htsr.gate] in pyproject.toml or [gate] in htsr.toml" in proc.stdout

@@ -18,7 +18,7 @@ _EPILOG = (
     "--format github\n\n"
     "  htsr gate report.json --format junit -o gates.xml        # gates from pyproject.toml\n\n"
     "  htsr gate --show-config\n\n"
-    "Gates are read from [tool.htsr.gate] in pyproject.toml or [gate] in htsr.toml, found "
+    "Gates are read from \\[tool.htsr.gate] in pyproject.toml or \\[gate] in htsr.toml, found "
     "from the working directory upwards; --fail-if adds to them. See docs/gates.md and "
     "docs/ci.md.\n\n" + options.exit_codes("a gate failed")
 )

@@ -8,7 +8,7 @@ import csv
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -16,11 +16,10 @@ from htsr_cli.engine.columns import METRICS
 from htsr_cli.engine.gates import compare
 from htsr_cli.errors import InputError
 from htsr_cli.gate.render import safe
-from htsr_cli.gate.sources import LoadedAnalysis, check_sources, load_analysis, pair
+from htsr_cli.gate.sources import LoadedAnalysis, check_sources, load_pair, pair
 from htsr_cli.io import schemas
 from htsr_cli.io.documents import finite
 from htsr_cli.io.output import check_writable, choose_format, dump_json, open_output
-from htsr_cli.io.terminal import ProgressBar
 
 FORMATS = ("table", "json", "csv")
 
@@ -199,33 +198,3 @@ def run_diff(
         else:
             write_table(diff, fh, (output is None or str(output) == "-") and sys.stdout.isatty())
     return diff
-
-
-def load_pair(
-    a: Any,
-    b: Any,
-    *,
-    metrics: Sequence[str] | None = None,
-    progress: bool | None = None,
-    **analyze_options: Any,
-) -> tuple[LoadedAnalysis, LoadedAnalysis]:
-    """Both sides of a diff: a stored side is read first, so that a checkpoint on the other
-    side is analysed like it."""
-    from htsr_cli.io.documents import is_analysis_document
-
-    options: dict[str, Any] = {k: v for k, v in analyze_options.items() if v is not None}
-    if metrics:
-        options["metrics"] = list(metrics)
-    sides: dict[str, LoadedAnalysis] = {}
-    order = ("a", "b") if is_analysis_document(a) or not is_analysis_document(b) else ("b", "a")
-    srcs: Mapping[str, Any] = {"a": a, "b": b}
-    for key in order:
-        other = sides.get("b" if key == "a" else "a")
-        opts = dict(options)
-        if other is not None and not other.analysed and "metrics" not in opts:
-            opts["metrics"] = other.metrics  # compute what the stored side has, no more
-        with ProgressBar(f"analyze {key.upper()}", enabled=progress) as bar:
-            sides[key] = load_analysis(
-                srcs[key], options=opts, like=other, on_progress=bar.callback
-            )
-    return sides["a"], sides["b"]

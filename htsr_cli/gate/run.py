@@ -21,7 +21,14 @@ from htsr_cli.engine.gates import GateResult, evaluate_gates, parse_gate, requir
 from htsr_cli.errors import InputError
 from htsr_cli.gate.config import GateConfig, resolve_config
 from htsr_cli.gate.render import EXTENSIONS, FORMATS, WRITERS, markdown, safe, text_lines
-from htsr_cli.gate.sources import LoadedAnalysis, Pairing, check_sources, load_analysis, pair
+from htsr_cli.gate.sources import (
+    LoadedAnalysis,
+    Pairing,
+    check_sources,
+    load_analysis,
+    load_pair,
+    pair,
+)
 from htsr_cli.io import schemas
 from htsr_cli.io.documents import is_analysis_document
 from htsr_cli.io.output import check_writable, open_output
@@ -151,16 +158,14 @@ def run_gate(
 
     base = None
     if base_src is not None:
-        with ProgressBar("analyze baseline", enabled=progress) as bar:
-            base = load_analysis(base_src, label=None, options=options, on_progress=bar.callback)
-    explicit = {k for k, v in analyze_options.items() if v is not None}
-    with ProgressBar("analyze", enabled=progress) as bar:
-        current = load_analysis(
-            source,
-            options={k: v for k, v in options.items() if k in explicit or k == "metrics"},
-            like=base,
-            on_progress=bar.callback,
+        # A stored side is read first, so that a checkpoint on the other side (either one)
+        # is analysed like it.
+        base, current = load_pair(
+            base_src, source, progress=progress, labels=("baseline", "model"), **options
         )
+    else:
+        with ProgressBar("analyze", enabled=progress) as bar:
+            current = load_analysis(source, options=options, on_progress=bar.callback)
     pairing = pair(current, base) if base is not None else None
     if pairing:
         warnings += pairing.warnings

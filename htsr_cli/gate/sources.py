@@ -154,3 +154,37 @@ def check_sources(sources: Sequence[Any]) -> None:
     """Refuse reading stdin twice."""
     if sum(str(s) == "-" for s in sources if isinstance(s, str | Path)) > 1:
         raise InputError("'-' (stdin) can be given once: it can be read only once")
+
+
+def load_pair(
+    a: Any,
+    b: Any,
+    *,
+    metrics: Sequence[str] | None = None,
+    progress: bool | None = None,
+    labels: tuple[str, str] = ("A", "B"),
+    **analyze_options: Any,
+) -> tuple[LoadedAnalysis, LoadedAnalysis]:
+    """Both sides of a comparison (a diff, a gate against a baseline), after
+    :func:`check_sources`: a stored side is read first, so that a checkpoint on the other side
+    is analysed like it. ``labels`` name the sides on the progress bar."""
+    from htsr_cli.io.terminal import ProgressBar
+
+    check_sources([a, b])
+    options: dict[str, Any] = {k: v for k, v in analyze_options.items() if v is not None}
+    if metrics:
+        options["metrics"] = list(metrics)
+    sides: dict[str, LoadedAnalysis] = {}
+    order = ("a", "b") if is_analysis_document(a) or not is_analysis_document(b) else ("b", "a")
+    srcs: Mapping[str, Any] = {"a": a, "b": b}
+    for key in order:
+        other = sides.get("b" if key == "a" else "a")
+        opts = dict(options)
+        if other is not None and not other.analysed and "metrics" not in opts:
+            opts["metrics"] = other.metrics  # compute what the stored side has, no more
+        name = labels[0] if key == "a" else labels[1]
+        with ProgressBar(f"analyze {name}", enabled=progress) as bar:
+            sides[key] = load_analysis(
+                srcs[key], options=opts, like=other, on_progress=bar.callback
+            )
+    return sides["a"], sides["b"]

@@ -15,7 +15,8 @@ import numpy as np
 
 from htsr_cli.engine.columns import METRICS
 from htsr_cli.errors import InputError
-from htsr_cli.gate.diff import Diff, diff_analyses, load_pair
+from htsr_cli.gate.diff import Diff, diff_analyses
+from htsr_cli.gate.sources import load_pair
 from htsr_cli.plotting.common import (
     DEFAULT_DPI,
     colour,
