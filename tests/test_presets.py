@@ -323,3 +323,20 @@ def test_one_default_fit_for_every_lr_plan(mobilenet):
     opt = torch.optim.SGD(param_groups(model, allocate(model, lr=0.1, min_evals=8)), lr=0.1)
     realloc = Reallocator(model, opt, min_evals=8)
     assert realloc.reallocate().params["analysis_options"]["fit"] == defaults.PLAN_FIT
+
+
+def test_small_sample_warning_counts_the_eigenvalues_the_fit_used() -> None:
+    """TempBalance keeps eigenvalues <= 1e-5 that htsr drops: the warning of each counts what
+    its own fit used (20 with the preset, 15 without), by construction of the spectrum."""
+    from htsr_cli.engine.analysis import analyze
+
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(30, 20, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
+    s = torch.cat([torch.linspace(1.0, 3.0, 15, dtype=torch.float64), torch.full((5,), 1e-4)])
+    weight = (u * s) @ v.T  # 15 eigenvalues of order 1, 5 of order 1e-8 / N
+    state = {"fc.weight": weight}
+    plain = analyze(state, metrics=["alpha"], fit="median", min_evals=1)
+    tb = analyze(state, metrics=["alpha"], fit="median", preset="tempbalance")
+    assert "small sample (15 eigenvalues)" in plain.layers[0]["warning"]
+    assert "small sample (20 eigenvalues)" in tb.layers[0]["warning"]

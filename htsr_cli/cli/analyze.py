@@ -105,9 +105,6 @@ def analyze_command(
     ),
 ) -> None:
     """Compute the ten HT-SR metrics of every layer of a checkpoint."""
-    from htsr_cli.io import digest
-
-    digest.prefetch(checkpoint)  # the file's sha256 runs beside the torch import that follows
     options = dict(
         fmt=fmt,
         output=output,
@@ -131,6 +128,9 @@ def analyze_command(
         from htsr_cli.engine.launch import launch_analysis
 
         raise typer.Exit(launch_analysis(checkpoint, nproc_per_node, **options))
+    from htsr_cli.io import digest
+
+    digest.prefetch(checkpoint)  # the file's sha256 runs beside the torch import that follows
     from htsr_cli.engine.report import run_analysis
 
     result = run_analysis(checkpoint, **options)

@@ -29,7 +29,7 @@ from htsr_cli.defaults import ANALYZE_MIN_EVALS as DEFAULT_MIN_EVALS
 from htsr_cli.defaults import SEED as DEFAULT_SEED
 from htsr_cli.engine import distributed, spectrum
 from htsr_cli.engine.columns import ALPHA_HIGH, ALPHA_LOW
-from htsr_cli.engine.fit import FIT_MODES, HTSR, FitConventions, fit_power_law
+from htsr_cli.engine.fit import FIT_MODES, HTSR, FitConventions, fit_cut, fit_power_law
 from htsr_cli.engine.gates import evaluate_gates, parse_gate, require_metrics
 from htsr_cli.engine.metrics import FIT_METRICS, METRICS, layer_metrics
 from htsr_cli.engine.presets import check_fit, get_preset
@@ -281,7 +281,7 @@ def analyze_layer(
         )
         rand_evals = spectrum.eigenvalues(rand_w, device)
     rank = spectrum.matrix_rank(w, evals, geom)
-    n_fit = int((evals > spectrum.EVALS_THRESH).sum())
+    n_fit = int((evals > fit_cut(spectrum.EVALS_THRESH, conventions)).sum())
     row: dict[str, Any] = {
         "name": name,
         "type": geom.kind,

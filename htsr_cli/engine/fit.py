@@ -428,6 +428,12 @@ def _fit_clip_xmax(
     return best
 
 
+def fit_cut(thresh: float, conventions: FitConventions) -> float:
+    """The eigenvalues a fit uses are those above this value (``thresh``, or every positive
+    one when ``conventions.filter_evals`` is False): one rule for the fit and its warnings."""
+    return thresh if conventions.filter_evals else 0.0
+
+
 def fit_power_law(
     evals: torch.Tensor,
     mode: str = "ww",
@@ -451,7 +457,7 @@ def fit_power_law(
         raise ValueError(f"unknown fit mode {mode!r}")
     if conventions.peak_bound not in PEAK_BOUNDS:
         raise ValueError(f"unknown peak bound {conventions.peak_bound!r}")
-    cut = thresh if conventions.filter_evals else 0.0
+    cut = fit_cut(thresh, conventions)
     x = evals[evals > cut]
     if x.numel() < 2:
         return PowerLawFit(reason=f"{x.numel()} eigenvalue(s) above {cut:g}: nothing to fit")

@@ -24,7 +24,7 @@ from htsr_cli.engine.distributed import dist_env
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import check_writable, dump_json, jsonable, open_output
 from htsr_cli.io.output import choose_format as output_format
-from htsr_cli.io.terminal import ProgressBar, printable, table_console
+from htsr_cli.io.terminal import ProgressBar, printable, stderr_console, table_console
 
 FORMATS = ("table", "json", "csv", "ndjson")
 
@@ -322,7 +322,7 @@ def run_analysis(
             them to the terminal.
         verbose: list every layer's full warning under the table.
     """
-    err = stderr or Console(stderr=True, highlight=False)
+    err = stderr or stderr_console()
     if source is None:
         from htsr_cli.assets import default_checkpoint
 

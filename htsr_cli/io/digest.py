@@ -98,7 +98,11 @@ def start(path: str) -> Future[dict[str, Any]]:
 
 def prefetch(path: str | None) -> None:
     """Start hashing ``path`` when it is a regular file; ignore anything else (a directory's
-    files are started by the checkpoint reader once it knows which ones it reads)."""
+    files are started by the checkpoint reader once it knows which ones it reads). Only rank 0
+    of a torchrun job hashes (it alone writes the report): other ranks would read every byte
+    again for nothing."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     if path and os.path.isfile(path):
         try:
             start(path)
