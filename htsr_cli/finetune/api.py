@@ -168,9 +168,13 @@ def run_finetune(
         with open_output(None) as out:
             if sys.stdout.isatty():
                 acc = doc["test_acc"]
+                scores = (
+                    "no epoch trained"
+                    if acc is None
+                    else f"test accuracy {acc:.4f} (best {doc['best_test_acc']:.4f})"
+                )
                 out.write(
-                    f"{doc['label']}: test accuracy {acc if acc is None else f'{acc:.4f}'}"
-                    f" (best {doc['best_test_acc']:.4f}) after {plural(done, 'epoch')}, "
+                    f"{doc['label']}: {scores} after {plural(done, 'epoch')}, "
                     f"{doc['params']} nonzero parameters; run directory "
                     f"{config.output}\n"
                 )
