@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
 import sys
 from typing import Any, TextIO
@@ -17,31 +16,14 @@ from htsr_cli.allocate.plan import LRPlan
 from htsr_cli.allocate.schemes import MIN_MULTIPLIER, allocate
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import check_writable, choose_format, jsonable, open_output, write_json
-from htsr_cli.io.terminal import printable, table_console
+from htsr_cli.io.terminal import bar, number_cell, printable, table_console
 
 PLAN_FORMATS = ("table", "json", "csv")
-_BAR_WIDTH = 16
-_EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 def choose_plan_format(fmt: str | None, output: str | None, stdout_is_tty: bool) -> str:
     """See :func:`htsr_cli.io.output.choose_format`."""
     return choose_format(fmt, output, stdout_is_tty, PLAN_FORMATS)
-
-
-def bar(value: float, largest: float, width: int = _BAR_WIDTH) -> str:
-    """A unicode bar of ``width * value / largest`` cells, in eighths of a cell."""
-    if not (largest > 0 and math.isfinite(value) and value > 0):
-        return ""
-    eighths = round(min(value / largest, 1.0) * width * 8)
-    full, part = divmod(max(eighths, 1), 8)  # a positive multiplier always shows
-    return "█" * full + (_EIGHTHS[part] if part else "")
-
-
-def _num(v: float | None) -> str:
-    if v is None or not math.isfinite(v):
-        return "-"
-    return f"{v:.4g}"
 
 
 def render_plan_table(plan: LRPlan, console: Console) -> None:
@@ -80,15 +62,15 @@ def render_plan_table(plan: LRPlan, console: Console) -> None:
         base = layer.status != "allocated"
         cells: list[Any] = [
             Text(printable(layer.name)),
-            _num(layer.metric_value),
+            number_cell(layer.metric_value),
             f"{layer.multiplier:.4g}",
             f"{layer.lr:.4g}",
             Text(bar(layer.multiplier, largest), style="dim" if base else "cyan"),
         ]
         if wd:
             cells += [
-                _num(layer.wd_multiplier),
-                _num(
+                number_cell(layer.wd_multiplier),
+                number_cell(
                     plan.base_wd * layer.wd_multiplier if layer.wd_multiplier is not None else None
                 ),
             ]
@@ -187,7 +169,6 @@ def run_allocate(
 __all__ = [
     "PLAN_FORMATS",
     "choose_plan_format",
-    "bar",
     "render_plan_table",
     "clip_note",
     "write_plan",

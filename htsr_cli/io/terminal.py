@@ -9,6 +9,7 @@ cannot move the cursor or recolour the terminal.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -45,6 +46,26 @@ def stderr_console() -> Console:
     """The console of progress and notes: stderr, colour only on a terminal without NO_COLOR."""
     color = styled(sys.stderr.isatty())
     return Console(stderr=True, highlight=False, no_color=not color)
+
+
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def bar(value: float, largest: float, width: int = 16) -> str:
+    """A unicode bar of ``width * value / largest`` cells, in eighths of a cell (the plan
+    tables' multiplier and ratio columns)."""
+    if not (largest > 0 and math.isfinite(value) and value > 0):
+        return ""
+    eighths = round(min(value / largest, 1.0) * width * 8)
+    full, part = divmod(max(eighths, 1), 8)  # a positive value always shows
+    return "█" * full + (_EIGHTHS[part] if part else "")
+
+
+def number_cell(value: Any, spec: str = ".4g") -> str:
+    """A number in a table cell: ``-`` for a missing or non-finite one."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
 
 
 def table_console(fh: Any, terminal: bool, width: int) -> Console:
@@ -135,6 +156,8 @@ class ProgressBar:
 __all__ = [
     "ProgressBar",
     "ProgressCallback",
+    "bar",
+    "number_cell",
     "literal",
     "printable",
     "stderr_console",

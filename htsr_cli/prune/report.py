@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any
 
@@ -10,19 +9,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from htsr_cli.allocate.report import bar
 from htsr_cli.errors import InputError
 from htsr_cli.io.output import choose_format as output_format
 from htsr_cli.io.output import open_output, write_json
-from htsr_cli.io.terminal import ProgressBar, printable, table_console
+from htsr_cli.io.terminal import ProgressBar, bar, number_cell, printable, table_console
 
 PLAN_FORMATS = ("table", "json")
-
-
-def _num(v: Any, spec: str = ".4g") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return format(v, spec)
 
 
 def _count(n: int | None) -> str:
@@ -100,7 +92,7 @@ def render_plan_table(plan: Any, console: Console) -> None:
     for lp in plan.layers:
         cells: list[Any] = [
             Text(printable(lp.name)),
-            _num(lp.metric_value),
+            number_cell(lp.metric_value),
             f"{lp.budget:.3f}",
             f"{lp.ratio:.3f}",
             Text(bar(lp.ratio, 1.0), style="cyan"),
