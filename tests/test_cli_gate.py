@@ -529,3 +529,16 @@ def test_plot_diff_refuses_stdin_twice(tmp_path: Path) -> None:
 def test_gate_help_shows_the_config_tables_literally() -> None:
     proc = clirunner.run(["gate", "--help"], env={**os.environ, "COLUMNS": "200"})
     assert "[tool.htsr.gate] in pyproject.toml or [gate] in htsr.toml" in proc.stdout
+
+
+def test_show_config_follows_the_output_extension_and_refuses_other_formats(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "cfg.json"
+    proc = clirunner.run(
+        ["gate", "--show-config", "--no-config", "--fail-if", "alpha > 6", "-o", out]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "alpha > 6" in json.dumps(json.loads(out.read_text()))  # JSON, by the extension
+    bad = clirunner.run(["gate", "--show-config", "--no-config", "--format", "junit"])
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "text or json" in bad.stderr

@@ -93,18 +93,9 @@ def gate_command(
 ) -> None:
     """Check CI gates on an analysis, optionally against a baseline (docs/gates.md)."""
     if show_config:
-        from htsr_cli.gate.config import resolve_config
-        from htsr_cli.gate.run import choose_format
-        from htsr_cli.io.output import write_json
+        from htsr_cli.gate.run import show_config as show
 
-        config = resolve_config(fail_if, baseline, strict, use_config=not no_config)
-        if fmt is not None and choose_format(fmt, None, False) == "json":
-            write_json(config.to_dict(), output)
-        else:
-            from htsr_cli.io.output import open_output
-
-            with open_output(output) as fh:
-                fh.write("\n".join(config.lines()) + "\n")
+        show(fail_if, baseline, strict, use_config=not no_config, fmt=fmt, output=output)
         return
     if source is None:
         raise InputError("htsr gate needs SOURCE: an analysis JSON or a checkpoint")

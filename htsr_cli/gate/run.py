@@ -31,7 +31,7 @@ from htsr_cli.gate.sources import (
 )
 from htsr_cli.io import schemas
 from htsr_cli.io.documents import is_analysis_document
-from htsr_cli.io.output import check_writable, open_output
+from htsr_cli.io.output import check_writable, dump_json, open_output
 from htsr_cli.io.terminal import ProgressBar
 
 #: The environment variable GitHub Actions names its job-summary file with.
@@ -48,6 +48,30 @@ def choose_format(fmt: str | None, output: str | None, stdout_is_tty: bool) -> s
     if output is not None and str(output) != "-":
         return EXTENSIONS.get(Path(output).suffix.lower(), "json")
     return "text" if stdout_is_tty else "json"
+
+
+def show_config(
+    fail_if: Sequence[str] = (),
+    baseline: Any = None,
+    strict: bool | None = None,
+    *,
+    use_config: bool = True,
+    cwd: str | os.PathLike | None = None,
+    fmt: str | None = None,
+    output: str | None = None,
+) -> GateConfig:
+    """``htsr gate --show-config``: what applies and where each setting comes from, as text
+    (the default) or JSON (``--format json`` or a ``.json`` output); other formats are refused."""
+    config = resolve_config(fail_if, baseline, strict, use_config=use_config, cwd=cwd)
+    chosen = choose_format(fmt, output, stdout_is_tty=True)  # text unless asked or by -o
+    if chosen not in ("text", "json"):
+        raise InputError(f"--show-config prints text or json, not {chosen}")
+    with open_output(output) as fh:
+        if chosen == "json":
+            dump_json(config.to_dict(), fh)
+        else:
+            fh.write("\n".join(config.lines()) + "\n")
+    return config
 
 
 @dataclass
