@@ -423,3 +423,17 @@ def test_parser_is_linear_in_the_number_of_digits():
     assert parse_gate("alpha > 0." + "3" * 100_000).threshold == pytest.approx(1 / 3)
     with pytest.raises(InputError, match="expected a number"):
         parse_gate("alpha > " + "1" * 100_000 + "x")
+
+
+def test_a_layer_skipped_in_the_baseline_is_named_so_not_added():
+    """A layer the baseline skipped is present there: it is not 'added', and the gate's
+    message says why it was not compared."""
+    (r,) = evaluate_gates(
+        [parse_gate("delta(alpha) > 0.2")],
+        [{"name": "a", "alpha": 9.0}, {"name": "b", "alpha": 3.0}],
+        baseline=[{"name": "b", "alpha": 3.0}],
+        baseline_skipped=[{"name": "a", "reason": "too few eigenvalues"}],
+    )
+    assert r.passed
+    assert "1 layer skipped in the baseline, not compared" in r.message
+    assert "see added" not in r.message

@@ -509,10 +509,11 @@ def _evaluate_set(gate: Gate, ctx: _Context) -> GateResult:
     return GateResult(gate.text, not failed, value, members if failed else [], msg)
 
 
-def _rows(gate: Gate, ctx: _Context) -> tuple[list[tuple[str, float]], int]:
-    """(name, value) of the selected analysed layers, and how many selected layers have no
-    counterpart in the baseline (for delta/ratio)."""
-    rows, unpaired = [], 0
+def _rows(gate: Gate, ctx: _Context) -> tuple[list[tuple[str, float]], list[str]]:
+    """(name, value) of the selected analysed layers, and the selected layers with no
+    analysed counterpart in the baseline (for delta/ratio)."""
+    rows: list[tuple[str, float]] = []
+    unpaired: list[str] = []
     for layer in ctx.layers:
         name = _name(layer)
         if gate.glob is not None and not fnmatchcase(name, gate.glob):
@@ -522,7 +523,7 @@ def _rows(gate: Gate, ctx: _Context) -> tuple[list[tuple[str, float]], int]:
             assert ctx.baseline is not None
             base = ctx.baseline.get(name)
             if base is None:
-                unpaired += 1
+                unpaired.append(name)
                 continue
             value = compare(gate.transform, value, _as_float(base.get(gate.metric)))
         rows.append((name, value))
@@ -555,8 +556,14 @@ def _evaluate(gate: Gate, ctx: _Context) -> GateResult:
         why = f"no layer matches {gate.glob!r}" if gate.glob is not None else "no layers"
         return GateResult(gate.text, True, None, [], f"ok   {text}: {why}")
     notes = []
-    if unpaired:
-        notes.append(f"{_count(unpaired, 'layer')} only in this model, not compared (see added)")
+    added = set(ctx.added)
+    new = sum(1 for n in unpaired if n in added)
+    if new:
+        notes.append(f"{_count(new, 'layer')} only in this model, not compared (see added)")
+    if len(unpaired) > new:  # present in the baseline, but skipped there
+        notes.append(
+            f"{_count(len(unpaired) - new, 'layer')} skipped in the baseline, not compared"
+        )
     if gate.agg is None:
         hits = [{"name": n, "value": v} for n, v in rows if _holds(v, gate.op, gate.threshold)]
         hits += diverged
