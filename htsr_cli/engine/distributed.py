@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -44,6 +45,7 @@ from htsr_cli.errors import (
     one_line,
     report_interrupt,
 )
+from htsr_cli.io.terminal import printable
 
 #: Eigen-solve cost per ``M**3`` of one slice, in units of the Gram's cost per ``N*M**2``:
 #: LAPACK's ``eigvalsh`` of a 1024x1024 Gram took 0.070 CPU-s (65 ps per M**3) and the
@@ -56,6 +58,10 @@ REPORT_WAIT_S = 60.0
 GROUP_TIMEOUT = timedelta(hours=24)
 #: Seconds between two progress polls of rank 0.
 POLL_S = 0.2
+#: Set by :func:`torchrun` for its workers: a directory where each rank keeps the name of the
+#: first layer of its share it has not finished (file ``rank-N``), so that the launcher can
+#: name the layer of a rank killed by a signal, which cannot report anything itself.
+RANK_STATE_ENV = "HTSR_RANK_STATE"
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -222,6 +228,8 @@ class Group:
         self._stop_poll = threading.Event()
         self._old_sigterm: Any = None
         self._failed = False  # a failure was raised: rank 0's exit must release the peers
+        self._share: list[str] = []  # this rank's layers, in walk order
+        self._done_in_share = 0
 
     @classmethod
     def from_env(cls, shard: bool | None = None) -> Group:
@@ -312,10 +320,54 @@ class Group:
         """Record that this rank failed; returns the failure's arrival order."""
         return self._add("failures", 1) if self.sharded else 1
 
+    def begin_share(self, names: Sequence[str]) -> None:
+        """Record this rank's layers (in walk order) before walking them: where it stands is
+        then known outside it (:func:`rank_state`, :meth:`unfinished`) should it be killed."""
+        if self.sharded:
+            self._share, self._done_in_share = list(names), 0
+            self._record_position()
+
     def layer_done(self, name: str) -> None:
         if self.sharded:
             self._set("last", name)
             self._add("done", 1)
+            self._done_in_share += 1
+            self._record_position()
+
+    def _record_position(self) -> None:
+        """Publish the first layer of this rank's share not finished yet ("" once all are):
+        in the store for rank 0 and, under :func:`torchrun`, in a file for the launcher."""
+        i = self._done_in_share
+        at = self._share[i] if i < len(self._share) else ""
+        self._set(f"at/{self.rank}", at)
+        folder = os.environ.get(RANK_STATE_ENV)
+        if folder:
+            with contextlib.suppress(OSError):  # only ever a better error message
+                with open(os.path.join(folder, f"rank-{self.rank}"), "w") as fh:
+                    fh.write(at)
+
+    def unfinished(self) -> dict[int, str]:
+        """The other ranks that have not finished their share: rank -> the layer it was on
+        (read from the store, which outlives a killed rank)."""
+        if self._store is None:
+            return {}
+        out: dict[int, str] = {}
+        for r in range(self.world):
+            key = f"at/{r}"
+            if r == self.rank:
+                continue
+            try:
+                with self._lock:
+                    at = (
+                        self._store.get(key).decode(errors="replace")
+                        if self._store.check([key])
+                        else ""
+                    )
+            except Exception:  # the store is gone too: say nothing more
+                return out
+            if at:
+                out[r] = at
+        return out
 
     @contextlib.contextmanager
     def progress(
@@ -359,7 +411,7 @@ class Group:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world
-        with _peer_lost():
+        with self._peer_lost():
             dist.all_gather_object(out, payload)
         return out
 
@@ -370,9 +422,26 @@ class Group:
         import torch.distributed as dist
 
         box = [obj]
-        with _peer_lost():
+        with self._peer_lost():
             dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    @contextlib.contextmanager
+    def _peer_lost(self) -> Iterator[None]:
+        """A collective that fails because a peer went away (killed, out of memory) stops this
+        rank as an interrupt would (exit 130, nothing written), with one line saying why and,
+        from the store, which ranks had not finished and the layer each was on."""
+        try:
+            yield
+        except RuntimeError:  # DistBackendError: gloo's "Connection reset by peer", ...
+            report_interrupt(silent=True)  # this line says it all: no "htsr: interrupted"
+            where = "; ".join(f"rank {r} at layer {at}" for r, at in self.unfinished().items())
+            raise RankFailed(
+                "lost contact with another rank (killed or out of memory?)"
+                + (f"; unfinished: {where}" if where else "")
+                + "; nothing written",
+                EXIT_INTERRUPTED,
+            ) from None
 
     def raise_failure(self, failures: Sequence[Failure]) -> None:
         """Stop every rank on the first failure: rank 0 raises it (its one line), the others
@@ -389,20 +458,6 @@ class Group:
             except Exception:  # rank 0 took too long or is gone: exit anyway
                 pass
         raise PeerFailed(first.exit_code)
-
-
-@contextlib.contextmanager
-def _peer_lost() -> Iterator[None]:
-    """A collective that fails because a peer went away (killed, out of memory) stops this
-    rank as an interrupt would (exit 130, nothing written), with one line saying why."""
-    try:
-        yield
-    except RuntimeError:  # DistBackendError: gloo's "Connection reset by peer", ...
-        report_interrupt(silent=True)  # this line says it all: no "htsr: interrupted"
-        raise RankFailed(
-            "lost contact with another rank (killed or out of memory?); nothing written",
-            EXIT_INTERRUPTED,
-        ) from None
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -458,6 +513,11 @@ def check_nproc(nproc: int, device: str) -> None:
         raise InputError(f"--nproc-per-node must be a positive integer, got {nproc}")
     if "TORCHELASTIC_RUN_ID" in os.environ or dist_env()[0] > 1:
         raise InputError("--nproc-per-node: already running under torchrun")
+    if device.startswith("cuda:"):
+        raise InputError(
+            f"--device {device} names one GPU, but --nproc-per-node runs one process per GPU "
+            "(each on the GPU of its LOCAL_RANK): use --device cuda"
+        )
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_cuda:
         n = torch.cuda.device_count()
@@ -493,32 +553,51 @@ def torchrun(worker_argv: Sequence[str], nproc: int, *, threads: int | None = No
 
 def _run_torchrun(argv: list[str]) -> int:
     """``torch.distributed.run`` with its log lines silenced and its ChildFailedError turned
-    into an exit status (the workers print their own one-line errors)."""
+    into an exit status (the workers print their own one-line errors). A rank killed by a
+    signal is named here, with the layer it was on (:data:`RANK_STATE_ENV`)."""
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # elastic's loggers read it at import
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     for name in ("torch.distributed.elastic", "torch.distributed.run"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        run(get_args_parser().parse_args(argv))
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        code = failure.exitcode
-        if code < 0:
+    with tempfile.TemporaryDirectory(prefix="htsr-ranks-") as state:
+        saved = os.environ.get(RANK_STATE_ENV)
+        os.environ[RANK_STATE_ENV] = state  # the workers inherit the agent's environment
+        try:
+            run(get_args_parser().parse_args(argv))
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            code = failure.exitcode
+            if code >= 0:
+                return code
             try:
-                name = signal.Signals(-code).name
+                signame = signal.Signals(-code).name
             except ValueError:
-                name = f"signal {-code}"
+                signame = f"signal {-code}"
             sys.stderr.write(
-                f"htsr: error: rank {rank} was killed by {name} (out of memory?); "
-                "the other ranks were stopped\n"
+                f"htsr: error: rank {rank} was killed by {signame}{_killed_at(state, rank)} "
+                "(out of memory?); the other ranks were stopped\n"
             )
             return 128 - code
-        return code
-    except KeyboardInterrupt:
-        return 130
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            if saved is None:
+                os.environ.pop(RANK_STATE_ENV, None)
+            else:
+                os.environ[RANK_STATE_ENV] = saved
     return 0
+
+
+def _killed_at(state: str, rank: int) -> str:
+    """`` at layer NAME`` for a killed rank that had begun its share, else ""."""
+    try:
+        with open(os.path.join(state, f"rank-{rank}")) as fh:
+            at = fh.read()
+    except OSError:  # killed before its share began (or not an analysis)
+        return ""
+    return f" at layer {printable(at)}" if at else ""
 
 
 __all__ = [
