@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -179,6 +180,25 @@ def _cell(row: dict[str, Any], col: str) -> Text:
     return text
 
 
+def _header(col: str) -> str:
+    return _SHORT.get(col, col)
+
+
+def _columns_cells(analysis: Analysis, cols: Sequence[str], flags: bool) -> list[list[Text]]:
+    """The body of the table, column by column (``layer``, ``cols``, then ``!`` with
+    ``flags``): one cell per layer, then the ``mean`` row (the metric means only)."""
+    summary = analysis.summary
+    out = [[Text(printable(row["name"])) for row in analysis.layers] + [Text("mean", style="bold")]]
+    for c in cols:
+        cells = [_cell(row, c) for row in analysis.layers]
+        out.append(cells + [Text(_fmt(summary[c]) if c in summary else "")])
+    if flags:
+        out.append(
+            [Text(warning_flags(row.get("warning", ""))) for row in analysis.layers] + [Text("")]
+        )
+    return out
+
+
 def _build_table(analysis: Analysis, cols: Sequence[str], flags: bool) -> Table:
     table = Table(
         box=box.SIMPLE_HEAD,
@@ -192,19 +212,21 @@ def _build_table(analysis: Analysis, cols: Sequence[str], flags: bool) -> Table:
         if c == "warning":
             table.add_column("warning", overflow="fold")
         else:
-            table.add_column(_SHORT.get(c, c), justify="right", no_wrap=True)
+            table.add_column(_header(c), justify="right", no_wrap=True)
     if flags:
         table.add_column("!", no_wrap=True, style="yellow")
-    for row in analysis.layers:
-        cells = [Text(printable(row["name"]))] + [_cell(row, c) for c in cols]
-        if flags:
-            cells.append(Text(warning_flags(row.get("warning", ""))))
+    body = list(zip(*_columns_cells(analysis, cols, flags), strict=True))
+    for cells in body[:-1]:
         table.add_row(*cells)
-    summary = analysis.summary
-    means = [Text(_fmt(summary[c]) if c in summary else "") for c in cols]  # the metric means only
     table.add_section()
-    table.add_row(Text("mean", style="bold"), *means, *([Text("")] if flags else []))
+    table.add_row(*body[-1])
     return table
+
+
+#: Width a column of the analyze table adds beside its cells: one space of padding after
+#: every column but the last (``collapse_padding``, no ``pad_edge``) and one between columns
+#: (``SIMPLE_HEAD`` without edges), as rich lays out :func:`_build_table`.
+_COLUMN_GAP = 2
 
 
 def choose_table_columns(analysis: Analysis, width: int, console: Console) -> list[str]:
@@ -214,10 +236,18 @@ def choose_table_columns(analysis: Analysis, width: int, console: Console) -> li
     wanted = [c for c in TABLE_PRIORITY if c in computed]
     cols = [c for c in wanted if c in TABLE_ALWAYS]
     flags = any(warning_flags(row.get("warning", "")) for row in analysis.layers)
-    unbounded = console.options.update_width(100_000)  # a measure capped at the width fits all
+    # Each column's natural width, measured once: its widest cell, header included.
+    unbounded = console.options.update_width(100_000)
+    names = ["layer", *wanted, *(["!"] if flags else [])]
+    width_of = {
+        name: max(Measurement.get(console, unbounded, c).maximum for c in [_header(name), *cells])
+        for name, cells in zip(names, _columns_cells(analysis, wanted, flags), strict=True)
+    }
+    fixed = ["layer", *(["!"] if flags else [])]
 
     def natural_width(trial: list[str]) -> int:
-        return console.measure(_build_table(analysis, trial, flags), options=unbounded).maximum
+        shown = fixed + trial
+        return sum(width_of[c] for c in shown) + _COLUMN_GAP * (len(shown) - 1)
 
     for c in wanted:
         if c in cols:
