@@ -232,6 +232,45 @@ def test_output_format_from_the_extension(reports, tmp_path):
         assert check((tmp_path / name).read_text()), name
 
 
+def test_gate_and_analyze_formats_follow_their_rules_through_the_one_function(reports):
+    """gate and analyze choose by the one rule (io.output.choose_format), each with its own
+    extensions, terminal default and error text (docs/gates.md, docs of analyze)."""
+    from htsr_cli.engine.report import choose_format as analyze_format
+    from htsr_cli.errors import InputError
+    from htsr_cli.gate.run import choose_format as gate_format
+
+    for output, tty, gate, analyze in (
+        ("r.json", True, "json", "json"),
+        ("r.XML", True, "junit", "json"),
+        ("r.md", False, "markdown", "json"),
+        ("r.txt", True, "text", "table"),
+        ("r.csv", True, "json", "csv"),
+        ("r.jsonl", True, "json", "ndjson"),
+        ("r.ndjson", False, "json", "ndjson"),
+        ("r", True, "json", "json"),
+        (None, True, "text", "table"),
+        ("-", True, "text", "table"),
+        (None, False, "json", "json"),
+        ("-", False, "json", "json"),
+    ):
+        assert gate_format(None, output, tty) == gate, output
+        assert analyze_format(None, output, tty) == analyze, output
+    assert gate_format("github", "r.json", False) == "github"  # --format wins over -o
+    assert analyze_format("csv", "r.json", True) == "csv"
+    with pytest.raises(InputError) as exc:
+        gate_format("table", None, True)
+    assert str(exc.value) == (
+        "unknown --format 'table'; choose from text, json, github, junit, markdown"
+    )
+    with pytest.raises(InputError) as exc:
+        analyze_format("junit", "r.xml", True)
+    assert str(exc.value) == "unknown --format 'junit'; choose from table, json, csv, ndjson"
+    proc = run("gate", reports["base"], "--fail-if", "alpha > 1", "--no-config", "-f", "yaml")
+    assert proc.returncode == 2 and one_error_line(proc) == (
+        "htsr: error: unknown --format 'yaml'; choose from text, json, github, junit, markdown"
+    )
+
+
 # ------------------------------------------------------------------ bad input: exit 2
 
 

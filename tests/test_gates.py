@@ -437,3 +437,28 @@ def test_a_layer_skipped_in_the_baseline_is_named_so_not_added():
     assert r.passed
     assert "1 layer skipped in the baseline, not compared" in r.message
     assert "see added" not in r.message
+
+
+def test_a_pairing_given_by_the_caller_is_used_as_is_and_matches_pairing_here():
+    """``htsr gate`` pairs the two analyses once (gate.sources.pair) and passes the pairing
+    to evaluate_gates: the results are those of pairing here, and the given one is used."""
+    from htsr_cli.gate.sources import LoadedAnalysis, pair
+
+    now_skipped = [{"name": "diverged", "reason": "weight has NaN or infinite entries"}]
+    base_skipped = [{"name": "tiny", "reason": "too few eigenvalues"}]
+    current = LoadedAnalysis({"layers": NOW, "skipped": now_skipped}, "now")
+    base = LoadedAnalysis({"layers": BASE, "skipped": base_skipped}, "base")
+    pairing = pair(current, base)
+    assert (pairing.added, pairing.removed) == (["new", "diverged"], ["gone", "tiny"])
+    gates = [
+        parse_gate(g)
+        for g in ("added > 0", "count(removed) > 1", "delta(alpha) > 0.5", "removed > 0 on t*")
+    ]
+    kw = {"skipped": now_skipped, "baseline": BASE, "baseline_skipped": base_skipped}
+    here = evaluate_gates(gates, NOW, **kw)
+    given = evaluate_gates(gates, NOW, pairing=(pairing.added, pairing.removed), **kw)
+    assert [r.to_dict() for r in given] == [r.to_dict() for r in here]
+    assert [o["name"] for o in here[0].offending] == ["new", "diverged"]
+    # The given pairing is the one used, not recomputed.
+    (r,) = evaluate_gates([parse_gate("added > 0")], NOW, pairing=(["x"], []), **kw)
+    assert [o["name"] for o in r.offending] == ["x"]

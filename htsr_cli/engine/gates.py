@@ -628,6 +628,7 @@ def evaluate_gates(
     baseline: Sequence[Mapping[str, Any]] | None = None,
     baseline_skipped: Sequence[Mapping[str, Any]] = (),
     strict: bool = False,
+    pairing: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> list[GateResult]:
     """Check every gate against ``layers`` (dicts with "name" and metric columns).
 
@@ -640,6 +641,9 @@ def evaluate_gates(
         baseline, baseline_skipped: the baseline's analysed layers and skipped records, for
             ``delta()``, ``ratio()``, ``added`` and ``removed``; paired by name.
         strict: a glob that matches no layer raises InputError instead of warning.
+        pairing: ``(added, removed)`` of the baseline, when the caller has already paired
+            the two by name (:func:`pair_names` of every name, analysed then skipped, as
+            ``htsr gate`` does): used as given instead of pairing again. None pairs here.
 
     Raises:
         InputError: a gate needs a metric the layers (or the baseline) lack, or a baseline
@@ -654,8 +658,11 @@ def evaluate_gates(
     if baseline is not None:
         base_rows = list(baseline)
         base_map = {_name(r): r for r in base_rows}
-        base_names = list(base_map) + [_name(r) for r in baseline_skipped]
-        _, added, removed = pair_names(current, base_names)
+        if pairing is None:
+            base_names = list(base_map) + [_name(r) for r in baseline_skipped]
+            _, added, removed = pair_names(current, base_names)
+        else:
+            added, removed = list(pairing[0]), list(pairing[1])
         base_cols = {key for row in base_rows for key in row} if base_rows else set(METRICS)
     computed = {key for row in layers for key in row} if layers else set(METRICS)
     require_metrics(gates, computed, base_cols)

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from htsr_cli.engine.columns import METRICS
@@ -32,6 +31,7 @@ from htsr_cli.gate.sources import (
 from htsr_cli.io import schemas
 from htsr_cli.io.documents import is_analysis_document
 from htsr_cli.io.output import check_writable, dump_json, open_output
+from htsr_cli.io.output import choose_format as output_format
 from htsr_cli.io.terminal import ProgressBar
 
 #: The environment variable GitHub Actions names its job-summary file with.
@@ -40,14 +40,11 @@ GITHUB_SUMMARY = "GITHUB_STEP_SUMMARY"
 
 def choose_format(fmt: str | None, output: str | None, stdout_is_tty: bool) -> str:
     """``--format`` if given; else from the ``-o`` extension (.json, .xml = junit, .md =
-    markdown, .txt = text; JSON otherwise); else text on a terminal and JSON in a pipe."""
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
-        return fmt
-    if output is not None and str(output) != "-":
-        return EXTENSIONS.get(Path(output).suffix.lower(), "json")
-    return "text" if stdout_is_tty else "json"
+    markdown, .txt = text; JSON otherwise); else text on a terminal and JSON in a pipe: the
+    one rule of every command (:func:`htsr_cli.io.output.choose_format`) with gate's formats."""
+    return output_format(
+        fmt, output, stdout_is_tty, FORMATS, extensions=EXTENSIONS, terminal="text"
+    )
 
 
 def show_config(
@@ -200,6 +197,7 @@ def run_gate(
         baseline=base.layers if base else None,
         baseline_skipped=base.skipped if base else (),
         strict=config.strict,
+        pairing=(pairing.added, pairing.removed) if pairing else None,  # paired once, above
     )
     warnings += [w for r in results for w in r.warnings]
     report = GateReport(current, base, config, results, pairing, warnings)

@@ -203,7 +203,8 @@ def write_json(doc: Mapping[str, Any], path: str | os.PathLike | None) -> None:
         dump_json(doc, fh)
 
 
-_EXT_FORMATS = {
+#: ``-o`` extension -> format of the data commands (analyze, allocate, prune, diff).
+EXT_FORMATS: Mapping[str, str] = {
     ".json": "json",
     ".csv": "csv",
     ".ndjson": "ndjson",
@@ -213,15 +214,28 @@ _EXT_FORMATS = {
 
 
 def choose_format(
-    fmt: str | None, output: str | os.PathLike | None, stdout_is_tty: bool, allowed: tuple[str, ...]
+    fmt: str | None,
+    output: str | os.PathLike | None,
+    stdout_is_tty: bool,
+    allowed: tuple[str, ...],
+    *,
+    extensions: Mapping[str, str] = EXT_FORMATS,
+    terminal: str = "table",
 ) -> str:
-    """The output format of a command: ``--format`` if given; else from the ``-o`` extension
-    (JSON when unknown); else a table on a terminal and JSON in a pipe."""
+    """The output format of a command, the one rule of every command: ``--format`` if given
+    (one of ``allowed``); else from the ``-o`` extension (``extensions``; JSON when the
+    extension is unknown or its format not allowed); else ``terminal`` on a terminal and
+    JSON in a pipe. ``htsr gate`` passes its own extensions (.xml = junit, .md = markdown,
+    .txt = text) and ``terminal="text"``.
+
+    Raises:
+        InputError: ``fmt`` is not one of ``allowed``.
+    """
     if fmt is not None:
         if fmt not in allowed:
             raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(allowed)}")
         return fmt
     if output is not None and str(output) != "-":
-        guess = _EXT_FORMATS.get(Path(output).suffix.lower(), "json")
+        guess = extensions.get(Path(output).suffix.lower(), "json")
         return guess if guess in allowed else "json"
-    return "table" if stdout_is_tty else "json"
+    return terminal if stdout_is_tty else "json"
