@@ -533,6 +533,16 @@ def test_plot_diff_draws_the_document_values(reports, tmp_path):
         assert result.change[i] == pytest.approx(b[n] - a[n])
     assert np.isnan(result.change[len(common) :]).all()
     assert result.b[len(common)] == pytest.approx(b["head.renamed"])
+    # One-sided layers: their own side's value (from the one pairing, gate.diff), NaN on the
+    # other; diverged.fc is skipped in B, so it has no value on either side.
+    removed = base["layers"][-1]["name"]
+    assert result.a[-1] == pytest.approx(a[removed]) and np.isnan(result.b[-1])
+    assert np.isnan(result.a[len(common)]) and np.isnan(result.b[len(common) + 1])
+    assert result.diff.removed_values == {removed: {"alpha": pytest.approx(a[removed])}}
+    assert list(result.diff.added_values) == ["head.renamed", "diverged.fc"]
+    assert set(result.diff.to_dict()) == {
+        "schema", "a", "b", "metrics", "layers", "added", "removed", "warnings"
+    }  # fmt: skip
     proc = run("plot", "diff", reports["base"], reports["new"], "-o", tmp_path / "r.png",
                "--ratio", "--metric", "spectral_norm")  # fmt: skip
     assert proc.returncode == 0, proc.stderr

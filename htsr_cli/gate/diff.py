@@ -45,6 +45,10 @@ class Diff:
     added: list[str]  # only in B
     removed: list[str]  # only in A
     warnings: list[str] = field(default_factory=list)
+    #: The values of the layers on one side only, per metric (NaN where that side skipped
+    #: the layer): ``added`` ones in B, ``removed`` ones in A. Not in ``to_dict()``.
+    added_values: dict[str, dict[str, float]] = field(default_factory=dict)
+    removed_values: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``htsr.diff/1`` document (NaN as null)."""
@@ -110,7 +114,11 @@ def diff_analyses(
                 {m: compare("ratio", xb[m], xa[m]) for m in chosen},
             )
         )
-    return Diff(a, b, chosen, layers, pairing.added, pairing.removed, pairing.warnings)
+    return Diff(
+        a, b, chosen, layers, pairing.added, pairing.removed, pairing.warnings,
+        added_values={name: dict(vb.get(name, missing)) for name in pairing.added},
+        removed_values={name: dict(va.get(name, missing)) for name in pairing.removed},
+    )  # fmt: skip
 
 
 def _cell(v: float) -> str:

@@ -70,16 +70,14 @@ def plot_diff(
     diff = diff_analyses(side_a, side_b, [metric])
     names = [d.name for d in diff.layers] + diff.added + diff.removed
     n_common = len(diff.layers)
-    in_a = {str(r.get("name")): _num(r.get(metric)) for r in side_a.layers}
-    in_b = {str(r.get("name")): _num(r.get(metric)) for r in side_b.layers}
     va = np.array(
         [d.a[metric] for d in diff.layers]
         + [math.nan] * len(diff.added)
-        + [in_a.get(n, math.nan) for n in diff.removed]
+        + [diff.removed_values[n][metric] for n in diff.removed]
     )
     vb = np.array(
         [d.b[metric] for d in diff.layers]
-        + [in_b.get(n, math.nan) for n in diff.added]
+        + [diff.added_values[n][metric] for n in diff.added]
         + [math.nan] * len(diff.removed)
     )
     kind = "ratio" if ratio else "delta"
@@ -127,7 +125,3 @@ def plot_diff(
     if missing:
         notes.append(f"{missing} common layers have no {metric} {kind} (a value missing)")
     return DiffPlot(Path(output), metric, names, va, vb, change, diff, notes)
-
-
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
