@@ -25,6 +25,7 @@ from htsr_cli.io.checkpoint import open_checkpoint
 from htsr_cli.models import ARCHS, build_model
 from htsr_cli.prune import load_pruned_model, prune, read_prune_record
 from htsr_cli.prune.layers import Layer, guess_classifier
+from htsr_cli.prune.unstructured import zero_smallest
 
 DIGITS = str(default_checkpoint())
 
@@ -161,6 +162,38 @@ def test_unstructured_zero_fraction_matches_the_plan(tmp_path):
     with safe_open(str(out), "pt") as f:  # the input's own metadata is kept
         assert f.metadata()["dataset"] == "uci-digits-8x8"
     assert len(analyze(str(out), metrics=["alpha"]).layers) == 6  # still a plain checkpoint
+
+
+def argsort_rule(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """The rule zero_smallest keeps: the first ``count`` entries of a stable argsort of the
+    magnitudes (ties in storage order, NaN last) set to zero."""
+    out = weight.clone()
+    flat = out.reshape(-1)
+    magnitude = flat.abs().to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+    flat[torch.argsort(magnitude, stable=True)[: max(count, 0)]] = 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_zero_smallest_picks_the_tied_entries_a_stable_sort_picks(dtype):
+    gen = torch.Generator().manual_seed(3)
+    # Nine magnitudes (many ties at any threshold), both zero signs, and a few inf and NaN.
+    weight = (torch.randint(-4, 5, (64, 48), generator=gen) * 0.5).to(dtype)
+    weight[torch.rand(weight.shape, generator=gen) < 0.05] = -0.0
+    weight[torch.rand(weight.shape, generator=gen) < 0.03] = float("inf")
+    weight[torch.rand(weight.shape, generator=gen) < 0.03] = float("nan")
+    original = weight.clone()
+    n, nans = weight.numel(), int(weight.isnan().sum())
+    magnitude = weight.abs().float().reshape(-1)
+    for count in (0, 1, 5, 700, n // 2, 2000, n - nans, n - nans + 2, n - 1, n, n + 5):
+        got, want = zero_smallest(weight, count), argsort_rule(weight, count)
+        assert torch.equal(got.isnan(), want.isnan()), count
+        assert torch.equal(got.nan_to_num(9), want.nan_to_num(9)), count
+        if count in (700, n // 2, 2000):  # the threshold splits a tie: some go, some stay
+            at = magnitude == torch.sort(magnitude).values[count - 1]
+            zeroed = (got.reshape(-1) == 0) & (weight.reshape(-1) != 0)
+            assert zeroed[at].any() and not zeroed[at].all(), count
+    assert torch.equal(weight.nan_to_num(9), original.nan_to_num(9))  # the input is untouched
 
 
 def test_layers_the_analysis_skipped_still_count_and_the_classifier_stays_right():

@@ -16,14 +16,31 @@ from htsr_cli.io.checkpoint import Checkpoint, write_safetensors
 
 def zero_smallest(weight: torch.Tensor, count: int) -> torch.Tensor:
     """A copy of ``weight`` with its ``count`` smallest-magnitude entries set to zero (ties in
-    storage order, so exactly ``count`` entries are chosen, including any already zero)."""
+    storage order, so exactly ``count`` entries are chosen, including any already zero).
+
+    The entries are those a stable sort by magnitude puts first (NaN last), found by a
+    selection (``kthvalue``) rather than a sort of every weight.
+    """
     out = weight.detach().clone()
     if count <= 0:
         return out
     flat = out.reshape(-1)
+    if count >= flat.numel():
+        flat.zero_()
+        return out
     magnitude = flat.abs().to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
-    order = torch.argsort(magnitude, stable=True)
-    flat[order[:count]] = 0
+    threshold = torch.kthvalue(magnitude, count).values
+    if torch.isnan(threshold):  # sorts put NaN last: every number goes, then the first NaNs
+        at = torch.isnan(magnitude)
+        below = ~at
+    else:
+        below = magnitude < threshold
+        at = magnitude == threshold
+    # All entries below the threshold go; of those equal to it, the first in storage order
+    # (where a stable sort leaves them) up to ``count``.
+    ties = at.nonzero().squeeze(1)[: count - int(below.sum())]
+    flat[below] = 0
+    flat[ties] = 0
     return out
 
 
