@@ -589,3 +589,16 @@ def test_parse_scheme():
     assert len(SCHEMES) == 10 and "power:P" in SCHEMES
     for text in SCHEMES:
         parse_scheme(text.replace(":P", ":2"))
+
+
+def test_run_allocate_checks_the_format_once_before_any_work(tmp_path):
+    from htsr_cli.allocate.report import run_allocate
+
+    out = tmp_path / "plan.json"
+    with pytest.raises(InputError) as err:  # an analysis that would fail: the format goes first
+        run_allocate({"schema": "nonsense"}, fmt="xml", output=str(out), lr=0.1)
+    assert str(err.value) == "unknown --format 'xml'; choose from table, json, csv"
+    assert not out.exists()
+    for fmt, first in (("csv", "name,metric_value"), ("json", "{")):
+        run_allocate(analysis(ALPHAS), fmt=fmt, output=str(out), lr=0.1)
+        assert out.read_text().startswith(first), fmt

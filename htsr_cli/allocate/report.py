@@ -14,7 +14,6 @@ from rich.text import Text
 
 from htsr_cli.allocate.plan import LRPlan
 from htsr_cli.allocate.schemes import MIN_MULTIPLIER, allocate
-from htsr_cli.errors import InputError
 from htsr_cli.io.output import check_writable, choose_format, jsonable, open_output, write_json
 from htsr_cli.io.terminal import bar, number_cell, printable, table_console
 
@@ -124,12 +123,11 @@ def write_plan_csv(plan: LRPlan, fh: TextIO) -> None:
 def write_plan(
     plan: LRPlan, fmt: str, output: str | os.PathLike | None, *, terminal: bool = False
 ) -> None:
-    """Write ``plan`` as ``table``, ``json`` or ``csv`` to ``output`` (atomically) or stdout."""
+    """Write ``plan`` as ``table``, ``json`` or ``csv`` to ``output`` (atomically) or stdout;
+    ``fmt`` is one :func:`choose_plan_format` returned (it checks ``--format``)."""
     if fmt == "json":
         write_json(plan.to_dict(), output)
         return
-    if fmt not in PLAN_FORMATS:
-        raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(PLAN_FORMATS)}")
     with open_output(output) as fh:
         if fmt == "csv":
             write_plan_csv(plan, fh)

@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from htsr_cli.errors import InputError
 from htsr_cli.io.output import choose_format as output_format
 from htsr_cli.io.output import open_output, write_json
 from htsr_cli.io.terminal import ProgressBar, bar, number_cell, printable, table_console
@@ -132,9 +131,9 @@ def render_plan_table(plan: Any, console: Console) -> None:
 
 
 def write_plan(plan: Any, fmt: str, *, terminal: bool = False) -> None:
-    """The plan as ``table`` or ``json`` on stdout."""
-    if fmt not in PLAN_FORMATS:
-        raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(PLAN_FORMATS)}")
+    """The plan as ``table`` or ``json`` on stdout; ``fmt`` is one
+    :func:`~htsr_cli.io.output.choose_format` returned for :data:`PLAN_FORMATS` (it checks
+    ``--format``)."""
     if fmt == "json":
         write_json(plan.to_dict(), None)
         return
