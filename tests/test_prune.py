@@ -531,6 +531,33 @@ def test_bad_input_is_one_line(kwargs, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "output, kwargs, needle",
+    [
+        ("missing/pruned.safetensors", {}, "does not exist"),
+        ("SOURCE", {}, "htsr never overwrites its input"),
+        ("pruned.pt", {}, "a pruned checkpoint is a .safetensors file"),
+        ("busy/", {}, "it exists and is not empty"),
+        ("out/", {"structured": True, "arch": "resnet18"}, "a directory output is for"),
+    ],
+)
+def test_a_bad_output_is_refused_before_the_source_is_read(tmp_path, output, kwargs, needle):
+    # A source that fails as soon as it is opened: the -o error can only come first if -o is
+    # checked before any read.
+    source = tmp_path / "broken.safetensors"
+    source.write_bytes(b"not a checkpoint at all")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "config.json").write_text("{}")
+    out = str(source) if output == "SOURCE" else str(tmp_path / output)
+    with pytest.raises(InputError) as err:
+        prune(str(source), sparsity=0.5, output=out, **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert source.read_bytes() == b"not a checkpoint at all"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "busy"]
+    with pytest.raises(InputError, match="not a valid safetensors file"):  # a good -o: read
+        prune(str(source), sparsity=0.5, output=str(tmp_path / "pruned.safetensors"))
+
+
 def test_proportional_mapping_refuses_non_positive_metrics():
     doc = hand_doc()
     doc["layers"][1]["alpha"] = -1.0

@@ -83,13 +83,9 @@ def _check_options(
         raise TypeError(f"prune() got unexpected keyword argument(s) {sorted(unknown)}")
 
 
-def _check_output(
-    output: str | None,
-    source: Any,
-    document: bool,
-    files: Sequence[str],
-    structured: bool = False,
-) -> None:
+def _check_output(output: str | None, source: Any, document: bool, structured: bool) -> None:
+    """Refuse a bad ``-o`` (an analysis SOURCE, the input, a missing or unwritable directory,
+    not ``.safetensors``) from the path alone, before the source is opened or read."""
     if output is None:
         return
     if document:
@@ -102,7 +98,7 @@ def _check_output(
         return
     if not str(output).endswith(".safetensors"):
         raise InputError(f"-o {output}: a pruned checkpoint is a .safetensors file")
-    check_writable(output, [source, *files])
+    check_writable(output, [source])
 
 
 def _analysis_rows(
@@ -254,6 +250,8 @@ def prune(
         raise InputError(
             "SOURCE is already an analysis document; --analysis is for a checkpoint SOURCE"
         )
+    # -o is checked before the source is opened, as analyze does: a bad path costs no read.
+    _check_output(output, source, document, structured)
     ctx = Context(
         source=source,
         document=document,
@@ -267,7 +265,9 @@ def prune(
     )
     try:
         ctx.open()
-        _check_output(output, source, document, ctx.input_files(), structured)
+        if output is not None and not document and not is_directory_output(output):
+            # the files the opened source reads (an index's shards, a Hub id's cache files)
+            check_writable(output, ctx.input_files())
         if ctx.mode_needs_arch(structured):
             raise InputError("--structured needs --arch (the architecture to rebuild and prune)")
         # 1. Which layers: every layer, the classifier, the prunable ones and the target.
