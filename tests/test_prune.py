@@ -196,6 +196,30 @@ def test_zero_smallest_picks_the_tied_entries_a_stable_sort_picks(dtype):
     assert torch.equal(weight.nan_to_num(9), original.nan_to_num(9))  # the input is untouched
 
 
+def test_zero_smallest_zeroes_a_transposed_weight_too():
+    """A weight stored transposed (a view, as torch.load can return) is pruned like its
+    contiguous copy: exactly ``count`` zeros, the smallest ones, in the returned tensor."""
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(48, 64, generator=gen).t()  # (64, 48), not contiguous
+    assert not weight.is_contiguous()
+    got = zero_smallest(weight, 1000)
+    assert torch.equal(got, zero_smallest(weight.contiguous(), 1000))
+    assert int((got == 0).sum()) == 1000
+    assert got[got != 0].abs().min() >= weight[got == 0].abs().max()
+    assert int((weight == 0).sum()) == 0  # the input is untouched
+
+
+def test_write_plan_refuses_a_format_it_does_not_write(capsys):
+    """A caller's wrong format is a ValueError before anything reaches stdout (the CLI's
+    --format is checked earlier, with one line)."""
+    from htsr_cli.prune.report import write_plan
+
+    plan = prune(DIGITS, sparsity=0.5)
+    with pytest.raises(ValueError, match="'csv' is not one of"):
+        write_plan(plan, "csv")
+    assert capsys.readouterr().out == ""
+
+
 def test_layers_the_analysis_skipped_still_count_and_the_classifier_stays_right():
     """--min-evals 20 skips features.0 (9 eigenvalues) and the 10-class head classifier.5: a
     plan from that document must still count them and must not take classifier.3 for the

@@ -124,7 +124,10 @@ def write_plan(
     plan: LRPlan, fmt: str, output: str | os.PathLike | None, *, terminal: bool = False
 ) -> None:
     """Write ``plan`` as ``table``, ``json`` or ``csv`` to ``output`` (atomically) or stdout;
-    ``fmt`` is one :func:`choose_plan_format` returned (it checks ``--format``)."""
+    ``fmt`` is one :func:`choose_plan_format` returned (it checks ``--format`` for users;
+    any other value is a caller's bug, a ValueError before anything is written)."""
+    if fmt not in PLAN_FORMATS:
+        raise ValueError(f"write_plan: format {fmt!r} is not one of {PLAN_FORMATS}")
     if fmt == "json":
         write_json(plan.to_dict(), output)
         return

@@ -133,7 +133,9 @@ def render_plan_table(plan: Any, console: Console) -> None:
 def write_plan(plan: Any, fmt: str, *, terminal: bool = False) -> None:
     """The plan as ``table`` or ``json`` on stdout; ``fmt`` is one
     :func:`~htsr_cli.io.output.choose_format` returned for :data:`PLAN_FORMATS` (it checks
-    ``--format``)."""
+    ``--format`` for users; any other value is a caller's bug, a ValueError)."""
+    if fmt not in PLAN_FORMATS:
+        raise ValueError(f"write_plan: format {fmt!r} is not one of {PLAN_FORMATS}")
     if fmt == "json":
         write_json(plan.to_dict(), None)
         return

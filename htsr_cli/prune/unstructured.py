@@ -21,7 +21,9 @@ def zero_smallest(weight: torch.Tensor, count: int) -> torch.Tensor:
     The entries are those a stable sort by magnitude puts first (NaN last), found by a
     selection (``kthvalue``) rather than a sort of every weight.
     """
-    out = weight.detach().clone()
+    # Contiguous, so that the flat view below writes into ``out`` (a clone keeps a transposed
+    # weight's strides, and reshape would then zero a copy).
+    out = weight.detach().clone(memory_format=torch.contiguous_format)
     if count <= 0:
         return out
     flat = out.reshape(-1)
