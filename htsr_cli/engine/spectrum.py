@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg.blas import dsyrk
 
 #: Eigenvalues at or below this enter no power-law fit (WeightWatcher ``EVALS_THRESH``).
 EVALS_THRESH = 1e-5
@@ -101,6 +100,9 @@ def _gram_cpu(mats: np.ndarray) -> np.ndarray:
     if rf * long * short * 8 <= GRAM_BLOCK_BYTES:
         m = mats.astype(np.float64, copy=False)  # a shuffled layer may be float64 already
         return np.swapaxes(m, 1, 2) @ m  # one batched call for small layers (conv kernels)
+    # Imported here: scipy.linalg costs ~0.3 s of start-up, which only layers this large need.
+    from scipy.linalg.blas import dsyrk
+
     out = np.zeros((rf, short, short))
     rows = max(1, GRAM_BLOCK_BYTES // (8 * short))
     for s in range(rf):
