@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from htsr_cli.engine.analysis import analyze, parallelism
+from htsr_cli.engine import analysis
+from htsr_cli.engine.analysis import MAX_READ_AHEAD, analyze, parallelism, read_ahead
 from htsr_cli.errors import InputError
 from htsr_cli.io.checkpoint import save_safetensors
 
@@ -145,6 +146,71 @@ def test_parallelism_splits_the_threads() -> None:
             assert parallelism(cpu, 3) == (3, 1)
     with pytest.raises(InputError, match="--jobs"):
         parallelism(cpu, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Shuffles run ahead (rand_distance; on by default on a GPU, forced here on the CPU)
+
+
+def _threads(prefix: str) -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def test_read_ahead_policy() -> None:
+    assert read_ahead(torch.device("cpu")) == 0  # every core already runs a worker
+    assert 1 <= read_ahead(torch.device("cuda")) <= MAX_READ_AHEAD
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_shuffles_run_ahead_give_the_same_document(ckpt: Path, monkeypatch, jobs: int) -> None:
+    """The shuffled copies made on threads of their own, ahead of the eigen-solves, are the
+    ones each worker makes between its two solves: every value equal, rand_distance
+    included; the shuffle threads did run, and are gone afterwards."""
+    plain = analyze(ckpt, jobs=jobs, device="cpu").to_dict()
+    monkeypatch.setattr(analysis, "read_ahead", lambda device: 3)
+    seen: list[str] = []
+    ahead = analyze(
+        ckpt, jobs=jobs, device="cpu", on_layer=lambda r: seen.extend(_threads("htsr-shuffle"))
+    )
+    assert seen  # the walk ran shuffles on their own threads
+    assert not _threads("htsr-shuffle") and not _threads("htsr-layer")
+    doc = ahead.to_dict()
+    assert all(math.isfinite(r["rand_distance"]) for r in doc["layers"])
+    assert doc == plain
+
+
+def test_shuffles_run_ahead_skip_what_the_layer_skips(monkeypatch) -> None:
+    """Meta, sparse and non-finite weights are skipped with their reasons, as without
+    read-ahead (a meta tensor has nothing to shuffle; a NaN layer's shuffle goes unused)."""
+    monkeypatch.setattr(analysis, "read_ahead", lambda device: 2)
+    nan = torch.randn(30, 20)
+    nan[3, 4] = math.nan
+    sd = {
+        "a.weight": torch.randn(30, 20),
+        "m.weight": torch.empty(30, 20, device="meta"),
+        "n.weight": nan,
+        "s.weight": torch.randn(30, 20).to_sparse(),
+    }
+    result = analyze(sd, device="cpu")
+    assert [r["name"] for r in result.layers] == ["a"]
+    assert [(r["name"], r["reason"]) for r in result.skipped] == [
+        ("m", "meta tensor: it holds no values"),
+        ("n", "weight has NaN or infinite entries"),
+        ("s", "sparse_coo tensor: not a dense weight"),
+    ]
+
+
+def test_a_failure_with_shuffles_ahead_stops_every_thread(ckpt: Path, monkeypatch) -> None:
+    monkeypatch.setattr(analysis, "read_ahead", lambda device: 3)
+
+    def reader_gone(record: dict) -> None:
+        raise BrokenPipeError("the reader went away")
+
+    with pytest.raises(BrokenPipeError):
+        analyze(ckpt, jobs=2, device="cpu", on_layer=reader_gone)
+    assert not _threads("htsr-shuffle") and not _threads("htsr-layer")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

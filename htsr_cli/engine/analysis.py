@@ -2,9 +2,9 @@
 
 This is the one layer walk of the project: allocate, prune and plot build on its result.
 Tensors are read one at a time, in order, and computed by ``--jobs`` worker threads; each is
-dropped after its eigenvalues are taken and at most ``jobs + 1`` are held, so peak memory
-follows the largest tensor, not the checkpoint (docs/engine.md, "Scheduling the work").
-"""
+dropped after its eigenvalues are taken and at most ``jobs + 1`` are held (more on a GPU,
+where ``rand_distance``'s shuffles run ahead: :func:`read_ahead`), so peak memory follows
+the largest tensor, not the checkpoint (docs/engine.md, "Scheduling the work")."""
 
 from __future__ import annotations
 
@@ -243,11 +243,14 @@ def analyze_layer(
     seed: int = DEFAULT_SEED,
     spectra: dict[str, torch.Tensor] | None = None,
     conventions: FitConventions = HTSR,
+    shuffle: Future[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Every column of one layer from its weight tensor (the unit the whole tool is built on).
 
     When ``spectra`` is given, the layer's eigenvalues are stored there under its name.
-    ``conventions``: the fit's (a preset's, see :mod:`htsr_cli.engine.presets`)."""
+    ``conventions``: the fit's (a preset's, see :mod:`htsr_cli.engine.presets`).
+    ``shuffle``: the future of :func:`shuffled_weight` for this layer, started earlier by the
+    caller (the walk's read-ahead); None shuffles here (beside the eigen-solve on a GPU)."""
     geom = spectrum.geometry(tuple(weight.shape))
     if geom is None:
         raise ValueError(f"{name}: shape {tuple(weight.shape)} is not a layer")
@@ -257,13 +260,9 @@ def analyze_layer(
         else weight.to(device)
     )
     wanted = frozenset(metrics)
-    shuffle: Future[torch.Tensor] | None = None
-    if "rand_distance" in wanted and w.device.type != "cpu":
+    if shuffle is None and "rand_distance" in wanted and w.device.type != "cpu":
         # On a GPU the CPU shuffle runs beside the eigen-solve of the weight itself.
-        cpu_w = weight.detach().cpu()
-        if cpu_w.dtype not in (torch.float32, torch.float64):
-            cpu_w = cpu_w.to(torch.float32)
-        shuffle = _in_background(spectrum.shuffled, cpu_w, _layer_seed(seed, name))
+        shuffle = _in_background(shuffled_weight, name, weight, seed)
     evals = spectrum.eigenvalues(w, device)
     if spectra is not None:
         spectra[name] = evals.cpu()
@@ -274,11 +273,12 @@ def analyze_layer(
     alpha = pl.alpha if pl is not None else math.nan
     rand_evals = None
     if "rand_distance" in wanted:
-        rand_w = (
-            shuffle.result().to(device=w.device, dtype=w.dtype)
-            if shuffle is not None
-            else spectrum.shuffled(w, _layer_seed(seed, name))
-        )
+        if shuffle is None:
+            rand_w = shuffled_weight(name, w, seed)
+        elif w.device.type == "cpu":
+            rand_w = shuffle.result()  # float64 for mid-sized layers: the Gram's own dtype
+        else:
+            rand_w = shuffle.result().to(device=w.device, dtype=w.dtype)
         rand_evals = spectrum.eigenvalues(rand_w, device)
     rank = spectrum.matrix_rank(w, evals, geom)
     n_fit = int((evals > fit_cut(spectrum.EVALS_THRESH, conventions)).sum())
@@ -308,6 +308,16 @@ def analyze_layer(
     warning = _warning(status, alpha, n_fit)
     row["warning"] = "; ".join(s for s in (reason, warning) if s)
     return row
+
+
+def shuffled_weight(name: str, weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """The shuffled copy behind ``rand_distance``: the layer's entries (as float32 unless
+    float64) permuted on the CPU with the seed derived from ``seed`` and the layer's name,
+    so the same on every device, in every walk order and on every rank."""
+    cpu_w = weight.detach()
+    if cpu_w.dtype not in (torch.float32, torch.float64):
+        cpu_w = cpu_w.to(torch.float32)
+    return spectrum.shuffled(cpu_w.cpu(), _layer_seed(seed, name))
 
 
 def _in_background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -406,7 +416,7 @@ def analyze(
             lambda p: p.fingerprint,
         )
         try:
-            with _thread_settings(plan.device, settings.jobs) as workers:
+            with _thread_settings(plan.device, settings.jobs) as (workers, ahead):
                 done = _walk_share(
                     plan,
                     settings,
@@ -414,6 +424,7 @@ def analyze(
                     seed=seed,
                     keep_spectra=keep_spectra,
                     workers=workers,
+                    ahead=ahead,
                     on_layer=on_layer,
                     on_progress=on_progress,
                 )
@@ -597,8 +608,9 @@ def choose_layers(
 
 
 @contextlib.contextmanager
-def _thread_settings(dev: torch.device, jobs: int | None) -> Iterator[int]:
-    """Step 3: the process-wide thread settings of the walk; yields the number of workers.
+def _thread_settings(dev: torch.device, jobs: int | None) -> Iterator[tuple[int, int]]:
+    """Step 3: the process-wide thread settings of the walk; yields the number of workers
+    and of shuffles run ahead (:func:`read_ahead`).
 
     torch's and the BLAS pools' thread counts are process-wide: analyses in several threads
     take turns, so that each one restores what it found."""
@@ -611,7 +623,7 @@ def _thread_settings(dev: torch.device, jobs: int | None) -> Iterator[int]:
             torch.set_num_threads(1)
         try:
             with threadpool_limits(limits=blas_threads, user_api="blas"):
-                yield workers
+                yield workers, read_ahead(dev)
         finally:
             torch.set_num_threads(threads)
 
@@ -631,16 +643,25 @@ class LayerJob:
             keep_spectra,
         )
 
-    def __call__(self, name: str, weight: torch.Tensor) -> tuple[dict[str, Any], dict | None]:
-        s = self.settings
+    def skip_reason(self, name: str, weight: torch.Tensor) -> str:
+        """Why this weight is skipped once read ("" when it is analysed)."""
         if weight.device.type == "meta":
-            return {"name": name, "reason": "meta tensor: it holds no values"}, None
+            return "meta tensor: it holds no values"
         if weight.layout != torch.strided:
-            return {
-                "name": name,
-                "reason": f"{str(weight.layout).removeprefix('torch.')} tensor: not a dense weight",
-            }, None
-        if s.tool and (why := s.tool.skip_reason(name, tuple(weight.shape))):
+            return f"{str(weight.layout).removeprefix('torch.')} tensor: not a dense weight"
+        tool = self.settings.tool
+        return (tool.skip_reason(name, tuple(weight.shape)) or "") if tool else ""
+
+    def shuffle(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """The layer's shuffled copy for ``rand_distance`` (None for a skipped weight), run
+        ahead of the layer's eigen-solves by the walk."""
+        return None if self.skip_reason(name, weight) else shuffled_weight(name, weight, self.seed)
+
+    def __call__(
+        self, name: str, weight: torch.Tensor, shuffle: Future[torch.Tensor] | None = None
+    ) -> tuple[dict[str, Any], dict | None]:
+        s = self.settings
+        if why := self.skip_reason(name, weight):
             return {"name": name, "reason": why}, None
         spectra: dict[str, torch.Tensor] = {}
         try:
@@ -653,6 +674,7 @@ class LayerJob:
                 seed=self.seed,
                 spectra=spectra if self.keep_spectra else None,
                 conventions=s.conventions,
+                shuffle=shuffle,
             )
         except spectrum.NonFiniteWeightError as exc:  # a diverged run: skip, keep going
             # "nonfinite" lets the gates fail a diverged layer (docs/gates.md).
@@ -672,6 +694,7 @@ def _walk_share(
     seed: int,
     keep_spectra: bool,
     workers: int,
+    ahead: int,
     on_layer: Callable[[dict[str, Any]], None] | None,
     on_progress: Callable[[int, int, str], None] | None,
 ) -> Any:
@@ -701,6 +724,8 @@ def _walk_share(
                     job,
                     workers,
                     stop=group.stopping if group.sharded else None,
+                    shuffle=job.shuffle if "rand_distance" in settings.metrics else None,
+                    ahead=ahead,
                 )
             ) as walk,
         ):
@@ -807,14 +832,39 @@ def parallelism(device: torch.device, jobs: int | None = None) -> tuple[int, int
         raise InputError(f"--jobs must be a positive integer, got {jobs}")
     if device.type != "cpu":
         return jobs or 1, None
-    budget = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    )
+    budget = _cpu_budget()
     pools = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
     if pools:
         budget = max(1, min(budget, max(pools)))
     jobs = jobs or min(budget, 4)
     return jobs, max(1, budget // jobs)
+
+
+#: Most shuffles a walk runs ahead of the eigen-solves (each holds its tensor and a copy).
+MAX_READ_AHEAD = 8
+
+
+def read_ahead(device: torch.device) -> int:
+    """How many layers' ``rand_distance`` shuffles run ahead, on threads of their own, while
+    the eigen-solves run (0: each worker shuffles its layer between its two solves).
+
+    The shuffle is one CPU thread's work per layer (numpy's Fisher-Yates, which keeps a
+    seed's permutation): ~40 ns an entry once the layer outgrows the caches, 1.8 s for an
+    11008x4096 matrix, far longer than a GPU's eigen-solve of it. On a GPU the CPU is
+    otherwise idle, so every core but two (the reader's and the GPU feeder's) shuffles ahead,
+    at most :data:`MAX_READ_AHEAD`. On the CPU every core already runs a worker's BLAS
+    threads, and a shuffle thread beside them measured slower, not faster (2 cores, ``--jobs
+    1``: 31.4-35.4 s against 29.8-31.4 s for GPT-2-medium's shape): none there."""
+    if device.type != "cpu":
+        return max(1, min(MAX_READ_AHEAD, _cpu_budget() - 2))
+    return 0
+
+
+def _cpu_budget() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _walk(
@@ -824,6 +874,8 @@ def _walk(
     compute: Callable[[str, torch.Tensor], tuple[dict[str, Any], dict | None]],
     workers: int,
     stop: Callable[[], bool] | None = None,
+    shuffle: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+    ahead: int = 0,
 ) -> Iterator[tuple[dict[str, Any], dict | None]]:
     """Yield ``compute(name, weight)`` per layer, ``(row, spectra)`` or ``(skipped, None)``, and
     ``({"name", "reason"}, None)`` for a layer skipped from its metadata, in checkpoint order.
@@ -832,7 +884,10 @@ def _walk(
 
     Tensors are read in this thread, in checkpoint order, and computed on ``workers`` threads;
     at most ``workers + 1`` tensors are held at once, so peak memory still follows the largest
-    tensor. An exception is marked with the layer it came from
+    tensor. With ``shuffle`` and ``ahead`` > 0 (``rand_distance`` with cores to spare, see
+    :func:`read_ahead`), ``ahead`` more tensors are read ahead and ``shuffle(name, weight)``
+    of each runs on ``ahead`` threads of its own as soon as it is read; ``compute`` then gets
+    its future as a third argument. An exception is marked with the layer it came from
     (:func:`~htsr_cli.engine.distributed.mark_layer`); ``stop()``, asked before each tensor is
     read, ends the walk with :class:`~htsr_cli.engine.distributed.Stopped` (a peer failed)."""
     pending: deque[tuple[TensorRef, Future[Any] | dict[str, Any]]] = deque()
@@ -859,15 +914,24 @@ def _walk(
         except Exception as exc:
             distributed.mark_layer(exc, name)
             raise
-        return pool.submit(compute, name, weight)
+        if shuffler is None:
+            return pool.submit(compute, name, weight)
+        return pool.submit(compute, name, weight, shuffler.submit(shuffle, name, weight))
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="htsr-layer") as pool:
+    ahead = ahead if shuffle is not None else 0
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="htsr-layer"))
+        shuffler = None
+        if ahead:
+            shuffler = ThreadPoolExecutor(ahead, thread_name_prefix="htsr-shuffle")
+            # Closed first (exit order): nothing new starts once the walk ends or fails.
+            stack.callback(shuffler.shutdown, wait=True, cancel_futures=True)
         try:
             for ref in chosen:
                 if stop is not None and stop():
                     raise distributed.Stopped()
                 pending.append((ref, start(ref)))
-                while len(pending) > workers:
+                while len(pending) > workers + ahead:
                     yield finish(*pending.popleft())
             while pending:
                 yield finish(*pending.popleft())
