@@ -4,6 +4,7 @@ with the same numbers as one at a time, and a failure stops the walk with its ow
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,14 @@ def _threads(prefix: str) -> list[str]:
 def test_read_ahead_policy() -> None:
     assert read_ahead(torch.device("cpu")) == 0  # every core already runs a worker
     assert 1 <= read_ahead(torch.device("cuda")) <= MAX_READ_AHEAD
+    threads = torch.get_num_threads()
+    try:  # what OMP_NUM_THREADS (set per process by --nproc-per-node) gives
+        torch.set_num_threads(1)
+        assert read_ahead(torch.device("cuda")) == 1
+        torch.set_num_threads(5)
+        assert read_ahead(torch.device("cuda")) == max(1, min(3, len(os.sched_getaffinity(0)) - 2))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("jobs", [1, 3])

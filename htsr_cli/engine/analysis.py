@@ -852,11 +852,14 @@ def read_ahead(device: torch.device) -> int:
     seed's permutation): ~40 ns an entry once the layer outgrows the caches, 1.8 s for an
     11008x4096 matrix, far longer than a GPU's eigen-solve of it. On a GPU the CPU is
     otherwise idle, so every core but two (the reader's and the GPU feeder's) shuffles ahead,
-    at most :data:`MAX_READ_AHEAD`. On the CPU every core already runs a worker's BLAS
-    threads, and a shuffle thread beside them measured slower, not faster (2 cores, ``--jobs
-    1``: 31.4-35.4 s against 29.8-31.4 s for GPT-2-medium's shape): none there."""
+    at most :data:`MAX_READ_AHEAD`; the cores are torch's thread count where that is lower
+    (``OMP_NUM_THREADS``, which ``--nproc-per-node`` sets to each process's share). On the
+    CPU every core already runs a worker's BLAS threads, and a shuffle thread beside them
+    measured slower, not faster (2 cores, ``--jobs 1``: 31.4-35.4 s against 29.8-31.4 s for
+    GPT-2-medium's shape): none there."""
     if device.type != "cpu":
-        return max(1, min(MAX_READ_AHEAD, _cpu_budget() - 2))
+        cores = min(_cpu_budget(), torch.get_num_threads())
+        return max(1, min(MAX_READ_AHEAD, cores - 2))
     return 0
 
 
