@@ -58,9 +58,10 @@ REPORT_WAIT_S = 60.0
 GROUP_TIMEOUT = timedelta(hours=24)
 #: Seconds between two progress polls of rank 0.
 POLL_S = 0.2
-#: Set by :func:`torchrun` for its workers: a directory where each rank keeps the name of the
-#: first layer of its share it has not finished (file ``rank-N``), so that the launcher can
-#: name the layer of a rank killed by a signal, which cannot report anything itself.
+#: Set by the launcher (:func:`torchrun`, ``python -m htsr_cli.engine.distributed``) for its
+#: workers: a directory where each rank keeps the name of the first layer of its share it has
+#: not finished (file ``rank-N``), so that the launcher can name the layer of a rank killed
+#: by a signal, which cannot report anything itself.
 RANK_STATE_ENV = "HTSR_RANK_STATE"
 
 
@@ -322,7 +323,8 @@ class Group:
 
     def begin_share(self, names: Sequence[str]) -> None:
         """Record this rank's layers (in walk order) before walking them: where it stands is
-        then known outside it (:func:`rank_state`, :meth:`unfinished`) should it be killed."""
+        then known outside it (the launcher's state file, :meth:`unfinished`) should it be
+        killed."""
         if self.sharded:
             self._share, self._done_in_share = list(names), 0
             self._record_position()
@@ -353,9 +355,9 @@ class Group:
             return {}
         out: dict[int, str] = {}
         for r in range(self.world):
-            key = f"at/{r}"
             if r == self.rank:
                 continue
+            key = f"at/{r}"
             try:
                 with self._lock:
                     at = (
