@@ -322,6 +322,20 @@ def test_rank_that_cannot_see_the_checkpoint(tmp_path: Path) -> None:
     assert sorted(os.listdir(a)) == ["m.pth"] and os.listdir(b) == []
 
 
+def test_one_named_gpu_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """Under torchrun (here: its environment) each rank would use the one GPU named: every rank
+    exits 2, rank 0 prints the one line, nothing is written."""
+    shutil.copy(mobilenet(), tmp_path / "m.pth")
+    argv = ["analyze", "m.pth", "--device", "cuda:1", "-o", "out.json"]
+    (c0, o0, e0), (c1, o1, e1) = finish(start_ranks(argv, [tmp_path, tmp_path]))
+    assert (c0, c1) == (2, 2), e0 + e1
+    assert e0 == (
+        "htsr: error: rank 0: --device cuda:1 names one GPU, but each process of a sharded run "
+        "uses the GPU of its LOCAL_RANK: use --device cuda\n"
+    )
+    assert (o0, o1, e1) == ("", "", "") and os.listdir(tmp_path) == ["m.pth"]
+
+
 def test_mismatched_checkpoints_across_ranks(tmp_path: Path) -> None:
     """Rank 1 reads another file under the same name (another node's copy, say)."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -359,8 +373,8 @@ def test_nproc_per_node_input_errors(tmp_path: Path) -> None:
     # one named GPU for N processes: each would use it (every rank gets its LOCAL_RANK's)
     r = clirunner.run(["analyze", ckpt, "--device", "cuda:1", "--nproc-per-node", "2"], env=env())
     assert r.returncode == 2 and r.stderr == (
-        "htsr: error: --device cuda:1 names one GPU, but --nproc-per-node runs one process per "
-        "GPU (each on the GPU of its LOCAL_RANK): use --device cuda\n"
+        "htsr: error: --device cuda:1 names one GPU, but each process of a sharded run uses "
+        "the GPU of its LOCAL_RANK: use --device cuda\n"
     )
     # everything a single run would reject is rejected before any process starts
     r = clirunner.run(

@@ -563,12 +563,9 @@ def _plan(
 def _rank_device(device: str, group: distributed.Group) -> torch.device:
     """:func:`resolve_device`, where ``auto`` and ``cuda`` mean the GPU of ``LOCAL_RANK`` in
     a sharded run."""
+    if group.sharded:
+        distributed.check_shard_device(device)
     dev = resolve_device(device)
-    if group.sharded and dev.type == "cuda" and device not in ("auto", "cuda"):
-        raise InputError(
-            f"--device {device} names one GPU, but each rank of a sharded run uses the GPU of "
-            "its LOCAL_RANK: use --device cuda"
-        )
     if group.sharded and dev.type == "cuda":
         if group.local_rank >= torch.cuda.device_count():
             raise InputError(

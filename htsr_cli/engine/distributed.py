@@ -508,6 +508,16 @@ def agree(group: Group, step: Callable[[], Any], identity: Callable[[Any], str])
 # Launching
 
 
+def check_shard_device(device: str) -> None:
+    """A sharded run puts each process on the GPU of its ``LOCAL_RANK``: ``--device cuda:N``,
+    one GPU for all of them, is refused (before launching, and on every rank under torchrun)."""
+    if device.startswith("cuda:"):
+        raise InputError(
+            f"--device {device} names one GPU, but each process of a sharded run uses the GPU "
+            "of its LOCAL_RANK: use --device cuda"
+        )
+
+
 def check_nproc(nproc: int, device: str) -> None:
     """``--nproc-per-node`` must be positive, not nested in torchrun, and at most the GPUs
     present when the analysis runs on CUDA (``auto`` with CUDA present, ``cuda``)."""
@@ -515,11 +525,7 @@ def check_nproc(nproc: int, device: str) -> None:
         raise InputError(f"--nproc-per-node must be a positive integer, got {nproc}")
     if "TORCHELASTIC_RUN_ID" in os.environ or dist_env()[0] > 1:
         raise InputError("--nproc-per-node: already running under torchrun")
-    if device.startswith("cuda:"):
-        raise InputError(
-            f"--device {device} names one GPU, but --nproc-per-node runs one process per GPU "
-            "(each on the GPU of its LOCAL_RANK): use --device cuda"
-        )
+    check_shard_device(device)
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_cuda:
         n = torch.cuda.device_count()
@@ -613,6 +619,7 @@ __all__ = [
     "agree",
     "assign",
     "check_nproc",
+    "check_shard_device",
     "describe",
     "dist_env",
     "fingerprint",
